@@ -1,0 +1,3 @@
+from evolora.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""The command line: run, eval, report, demo. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from evolora.errors import EvoloraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continual instruction tuning of LLMs.")
+
+SET_HELP = "Override a config field, e.g. --set train.lr=2e-4 (repeatable)."
+
+
+def _echo(message: str) -> None:
+    typer.echo(message)
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="YAML run config."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: output.dir or runs/NAME)."),
+        ) -> None:
+    """Train a method over a task stream, evaluating every task after every stage."""
+    from evolora.config import load_config
+    from evolora.engine import run as run_stream
+
+    cfg = load_config(config, set_ or [])
+    _finish(run_stream(cfg, out, log=_echo), out or cfg.run_dir())
+
+
+def _finish(metrics: dict, run_dir: Path) -> None:
+    from evolora.report import matrix_text, summary_text
+
+    _echo("\nAccuracy matrix R (%):\n" + matrix_text(metrics))
+    _echo(summary_text(metrics))
+    _echo(f"report: {Path(run_dir) / 'report.html'}")
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
+          mode: Optional[str] = typer.Option(None, help="loglik or generate (default: the run's)."),
+          ) -> None:
+    """Re-evaluate a finished run's final model on every task of its stream."""
+    from evolora.reload import evaluate_run
+
+    overrides = [f"eval.mode={mode}"] if mode else []
+    result = evaluate_run(run_dir, overrides)
+    for name, acc in result["accuracy"].items():
+        _echo(f"{name:>24}  {acc:6.1f}")
+    _echo(f"mean {result['mean']:.2f}  (written to {Path(run_dir) / 'eval.json'})")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder with metrics.json.")) -> None:
+    """(Re)build report.html and the plots of a run."""
+    from evolora.report import write_report
+
+    _echo(str(write_report(run_dir)))
+
+
+@app.command()
+def demo(method: str = typer.Option("seq_lora", help="Method to run."),
+         data_root: Optional[Path] = typer.Option(None, "--data-root",
+                                                  help="Benchmark folder: run mtl5 on it instead."),
+         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo)."),
+         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+         ) -> None:
+    """The main job: a continual run on the embedded SmolLM2, offline, in minutes on a CPU."""
+    from evolora.config import build_config, load_yaml
+    from evolora.engine import run as run_stream
+
+    name = "mtl5_demo.yaml" if data_root else "demo.yaml"
+    path = resources.files("evolora") / "configs" / name
+    overrides = [f"method.name={method}", "output.overwrite=true"] + (set_ or [])
+    if data_root:
+        overrides.append(f"data.root={data_root}")
+    cfg = build_config(load_yaml(Path(str(path))), overrides, source=name)
+    run_dir = out or cfg.run_dir()
+    _finish(run_stream(cfg, run_dir, log=_echo), run_dir)
+
+
+@app.command()
+def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list of runs)."),
+          only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these labels (repeatable)."),
+          results_md: Path = typer.Option(Path("docs/RESULTS.md"), "--results-md",
+                                          help="Table rebuilt from every results file of the suite's folder."),
+          ) -> None:
+    """Run a benchmark suite (skipping runs whose results exist) and rebuild the results table."""
+    from evolora.bench import all_result_files, load_suite, run_suite, write_results
+
+    run_suite(suite, only, log=_echo)
+    spec = load_suite(suite)
+    files = all_result_files(suite.parent / spec.results)
+    _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EvoloraError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click's own usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

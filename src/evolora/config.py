@@ -1,0 +1,209 @@
+"""Run configuration: YAML -> validated, typed config. `--set a.b=value` overrides any field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evolora.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    name: str = "smollm2-135m"
+    """`smollm2-135m` (embedded), `tiny-llama` (random, for tests), a hub id or a local folder."""
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    chat_template: bool = False
+    trust_remote_code: bool = False
+
+
+class TaskSource(_Strict):
+    """One task of a custom stream."""
+
+    name: str
+    format: Literal["olora", "jsonl", "hf"]
+    path: Optional[str] = None
+    """olora: a folder with train.json/test.json/labels.json; jsonl: a folder with train.jsonl/test.jsonl
+    or the train file itself (test_path then names the test file)."""
+    test_path: Optional[str] = None
+    instruction: Optional[str] = None
+    labels: Optional[list[str]] = None
+    # Hugging Face `datasets`
+    dataset: Optional[str] = None
+    """A hub name or a builder such as `json`/`csv` (then `data_files`)."""
+    dataset_config: Optional[str] = None
+    data_files: Optional[dict[str, str]] = None
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str = "text"
+    label_column: str = "label"
+
+    @model_validator(mode="after")
+    def _needs_a_source(self):
+        if self.format in ("olora", "jsonl") and not self.path:
+            raise ValueError(f"task '{self.name}': format {self.format} needs `path`")
+        if self.format == "hf" and not self.dataset:
+            raise ValueError(f"task '{self.name}': format hf needs `dataset`")
+        return self
+
+
+class DataConfig(_Strict):
+    stream: Literal["demo", "mtl5", "olora4", "long15", "custom"] = "demo"
+    order: int = 1
+    root: Optional[str] = None
+    """Folder holding <task>/{train,test,labels}.json for the built-in benchmark streams."""
+    tasks: list[TaskSource] = Field(default_factory=list)
+    max_tasks: Optional[int] = Field(default=None, ge=1)
+    """Keep only the first N tasks of the stream (quick trials)."""
+    train_per_label: Optional[int] = Field(default=None, ge=1)
+    test_per_label: Optional[int] = Field(default=None, ge=1)
+    dev_per_label: int = Field(default=0, ge=0)
+    max_input_tokens: int = Field(default=256, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_stream(self):
+        orders = {"mtl5": (1, 4), "olora4": (1, 3), "long15": (4, 6)}
+        if self.stream in orders:
+            lo, hi = orders[self.stream]
+            if not lo <= self.order <= hi:
+                raise ValueError(f"data.order: stream {self.stream} has orders {lo}..{hi}, got {self.order}")
+        if self.stream == "custom" and not self.tasks:
+            raise ValueError("data.tasks: stream custom needs at least one task")
+        return self
+
+
+class MethodConfig(_Strict):
+    name: str = "seq_lora"
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Validated against the method's own options dataclass."""
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, le=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: Optional[float] = Field(default=1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: autocast to the model's dtype when it is bf16/fp16 (trainable weights are kept in fp32)."""
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+
+
+class EvalConfig(_Strict):
+    mode: Literal["loglik", "generate"] = "loglik"
+    batch_size: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    future_tasks: Literal["all", "next", "none"] = "all"
+    """Which not-yet-trained tasks to evaluate after each task: `next` is enough for FWT."""
+    zero_shot: bool = True
+
+
+class OutputConfig(_Strict):
+    dir: Optional[str] = None
+    """Run folder; default runs/<name>."""
+    overwrite: bool = False
+    tensorboard: bool = True
+    keep_checkpoints: Literal["all", "last"] = "all"
+    """Per-stage checkpoints of the learned tensors; `last` keeps disk use flat for full fine-tuning."""
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    got = first.get("input")
+    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {field}: {msg}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for key in path[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: {key} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def build_config(raw: dict, overrides: list[str] = (), source: str = "config") -> RunConfig:
+    raw = apply_overrides(dict(raw), list(overrides))
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    from evolora.methods import validate_method_options
+
+    validate_method_options(config.method, source)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return build_config(load_yaml(path), overrides, source=str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,10 @@
+from evolora.methods.base import Method, StepInputs
+from evolora.methods.registry import METHODS, build_method, method_class, register
+
+
+def validate_method_options(method_config, source: str = "config") -> None:
+    build_method(method_config, source)
+
+
+__all__ = ["Method", "StepInputs", "METHODS", "build_method", "method_class", "register",
+           "validate_method_options"]

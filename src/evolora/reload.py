@@ -1,0 +1,34 @@
+"""Rebuild a finished run's model from its folder: config, structure (replaying `grow`), final tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evolora import atomic
+from evolora.config import load_config
+from evolora.engine import build_context, checkpoint_path, evaluate_row, load_checkpoint
+from evolora.errors import EvoloraError
+
+
+def load_run(run_dir: Path, overrides: list[str] = ()):
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml", overrides)
+    ctx, method = build_context(config, run_dir, log=lambda _: None)
+    last = len(ctx.stages) - 1
+    path = checkpoint_path(run_dir, last)
+    if not path.is_file():
+        raise EvoloraError(f"{path}: final checkpoint missing (did the run finish?)")
+    for stage in range(len(ctx.stages)):
+        method.grow(stage, ctx)
+    load_checkpoint(ctx, method, path)
+    ctx.model.eval()
+    return ctx, method
+
+
+def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
+    ctx, method = load_run(run_dir, overrides)
+    row, _ = evaluate_row(ctx, method, list(range(len(ctx.tasks))))
+    result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
+              "mode": ctx.config.eval.mode}
+    atomic.write_json(Path(run_dir) / "eval.json", result)
+    return result

@@ -1,0 +1,147 @@
+"""The run report: R heatmap and accuracy-over-time plots (PNG) and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from evolora import atomic
+from evolora.errors import EvoloraError
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise EvoloraError(f"{path}: not found (is {run_dir} an evolora run folder?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvoloraError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _plot_heatmap(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = metrics["stream"]["tasks"]
+    rows = ([("zero-shot", metrics["zero_shot"])] if metrics.get("zero_shot") else []) + [
+        (f"after {'+'.join(stage['tasks'])}", row) for stage, row in zip(metrics["stages"], metrics["R"])]
+    data = np.array([[np.nan if v is None else v for v in row] for _, row in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(tasks), 0.9 + 0.5 * len(rows)))
+    im = ax.imshow(data, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center",
+                        color="white" if data[i, j] < 60 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_title(f"{metrics['method']}: accuracy matrix R")
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_over_time(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = metrics["stream"]["tasks"]
+    zero = metrics.get("zero_shot")
+    steps = (["zero-shot"] if zero else []) + [f"{i + 1}" for i in range(len(metrics["R"]))]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for j, name in enumerate(tasks):
+        values = ([zero[j]] if zero else []) + [row[j] for row in metrics["R"]]
+        xs = [x for x, v in enumerate(values) if v is not None]
+        ax.plot(xs, [values[x] for x in xs], marker="o", label=name)
+    ax.set_xticks(range(len(steps)), steps)
+    ax.set_xlabel("after training stage")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{metrics['method']}: per-task accuracy over the stream")
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def matrix_text(metrics: dict) -> str:
+    """The R matrix as aligned text, for the terminal."""
+    tasks = metrics["stream"]["tasks"]
+    width = max(8, *(len(t) for t in tasks)) + 1
+    lines = ["".ljust(14) + "".join(t.rjust(width) for t in tasks)]
+    if metrics.get("zero_shot"):
+        lines.append("zero-shot".ljust(14) + "".join(_fmt(v).rjust(width) for v in metrics["zero_shot"]))
+    for i, row in enumerate(metrics["R"]):
+        lines.append(f"after stage {i + 1}".ljust(14) + "".join(_fmt(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def summary_text(metrics: dict) -> str:
+    m = metrics["metrics"]
+    parts = [f"{k} {_fmt(m.get(k))}" for k in ("AP", "Avg", "BWT", "FWT", "forgetting") if m.get(k) is not None]
+    return "  ".join(parts)
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    plots = run_dir / "plots"
+    heatmap, over_time = plots / "R_heatmap.png", plots / "accuracy_over_time.png"
+    _plot_heatmap(metrics, heatmap)
+    _plot_over_time(metrics, over_time)
+
+    def img(path: Path) -> str:
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
+
+    m = metrics["metrics"]
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k), 2)}</td></tr>"
+                   for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "zero_shot_mean") if k in m)
+    per_task = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{_fmt(v['zero_shot'])}</td><td>{_fmt(v['final'])}</td>"
+        f"<td>{_fmt(v['forgetting'])}</td></tr>" for name, v in metrics["per_task"].items())
+    params = metrics["parameters"]
+    t = metrics["timings"]
+    stages = "".join(
+        f"<tr><td>{i + 1}</td><td>{html.escape(', '.join(s['tasks']))}</td><td>{s['train']['steps']}</td>"
+        f"<td>{_fmt(s['train']['final_loss'], 3)}</td><td>{s['train']['tokens_per_s']:.0f}</td>"
+        f"<td>{s['train']['seconds']:.1f}</td><td>{s['eval_s']:.1f}</td></tr>"
+        for i, s in enumerate(metrics["stages"]))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>evolora report: {html.escape(metrics['name'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}
+pre{{background:#f7f7f7;padding:1em}}img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(metrics['name'])}</h1>
+<p>method <b>{html.escape(metrics['method'])}</b> · model <b>{html.escape(metrics['model'])}</b> ·
+stream <b>{html.escape(metrics['stream']['name'])}</b> (order {metrics['stream']['order']}) · evaluation {metrics['eval_mode']}
+{'' if metrics['complete'] else ' · <b>incomplete run</b>'}</p>
+<h2>Metrics (points, 0-100)</h2><table><tr><th>metric</th><th>value</th></tr>{rows}</table>
+<h2>Accuracy matrix R</h2>{img(heatmap)}<pre>{html.escape(matrix_text(metrics))}</pre>
+<h2>Accuracy over the stream</h2>{img(over_time)}
+<h2>Per task</h2><table><tr><th>task</th><th>zero-shot</th><th>final</th><th>forgetting</th></tr>{per_task}</table>
+<h2>Training</h2><table><tr><th>stage</th><th>tasks</th><th>steps</th><th>final loss</th><th>tokens/s</th>
+<th>train s</th><th>eval s</th></tr>{stages}</table>
+<p>parameters: base {params['base']:,} · trainable {params['trainable']:,} · added {params['added']:,}
+({params['added_per_task']:,.0f} per task) · total time {t['total_s']:.0f} s</p>
+</body></html>
+"""
+    path = run_dir / "report.html"
+    atomic.write_text(path, page)
+    return path

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def tiny_config():
+    """A raw config dict for a fast run: tiny random Llama, 2 demo tasks, a few examples."""
+    def make(tmp_path, method_name="seq_lora", **sections):
+        raw = {
+            "name": "tiny",
+            "model": {"name": "tiny-llama", "dtype": "fp32"},
+            "data": {"stream": "demo", "max_tasks": 2, "train_per_label": 4, "test_per_label": 3,
+                     "max_input_tokens": 48},
+            "method": {"name": method_name, "options": {}},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "seed": 0},
+            "eval": {"batch_size": 8},
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        }
+        for key, value in sections.items():
+            raw[key].update(value)
+        return raw
+    return make
+
+
+def shared_data_or_skip() -> Path:
+    if not (SHARED_DATA / "cl_benchmark").is_dir():
+        pytest.skip("../shared/data is not beside the project")
+    return SHARED_DATA

@@ -1,0 +1,68 @@
+"""The CLI end to end on a tiny model: run, eval, report, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+
+def evolora(*args, cwd=None):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", "evolora", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_run_eval_report(tmp_path, tiny_config):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    result = evolora("run", config, "--set", "train.epochs=2")
+    assert result.returncode == 0, result.stderr
+    assert "Accuracy matrix R" in result.stdout and "AP " in result.stdout
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["stream"]["tasks"] == ["demo_object", "demo_place"]
+    assert len(metrics["R"]) == 2 and all(v is not None for row in metrics["R"] for v in row)
+    assert set(metrics["metrics"]) >= {"AP", "Avg", "BWT", "FWT", "forgetting"}
+    assert metrics["parameters"]["added"] > 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2
+    for name in ("report.html", "plots/R_heatmap.png", "plots/accuracy_over_time.png", "steps.jsonl",
+                 "checkpoints/stage-01.safetensors", "checkpoints/stage-02.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert "data:image/png;base64" in (run_dir / "report.html").read_text()
+
+    result = evolora("eval", run_dir)
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
+
+    (run_dir / "report.html").unlink()
+    assert evolora("report", run_dir).returncode == 0
+    assert (run_dir / "report.html").is_file()
+
+    # an existing run folder is never overwritten silently
+    before = (run_dir / "metrics.json").read_bytes()
+    result = evolora("run", config)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, tiny_config):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    cases = [
+        (["run", config, "--set", "train.lr=fast"], "train.lr"),
+        (["run", tmp_path / "missing.yaml"], "config file not found"),
+        (["run", config, "--set", "data.stream=custom", "--set",
+          f"data.tasks=[{{name: a, format: olora, path: {tmp_path / 'nowhere'}}}]"], "task folder not found"),
+        (["eval", tmp_path], "config.yaml: config file not found"),
+        (["report", tmp_path], "metrics.json: not found"),
+    ]
+    for args, expect in cases:
+        result = evolora(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], result.stderr
+        assert "Traceback" not in result.stderr

