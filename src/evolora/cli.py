@@ -25,13 +25,19 @@ def _echo(message: str) -> None:
 def run(config: Path = typer.Argument(..., help="YAML run config."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: output.dir or runs/NAME)."),
+        resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder after a crash."),
         ) -> None:
     """Train a method over a task stream, evaluating every task after every stage."""
     from evolora.config import load_config
     from evolora.engine import run as run_stream
 
     cfg = load_config(config, set_ or [])
-    _finish(run_stream(cfg, out, log=_echo), out or cfg.run_dir())
+    run_dir = resume or out or cfg.run_dir()
+    metrics = run_stream(cfg, run_dir, log=_echo, resume=resume is not None)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _finish(metrics, run_dir)
 
 
 def _finish(metrics: dict, run_dir: Path) -> None:
@@ -104,8 +110,10 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except EvoloraError as exc:
+        from evolora.engine import Interrupted
+
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(130 if isinstance(exc, Interrupted) else 2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

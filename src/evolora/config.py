@@ -22,6 +22,8 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     chat_template: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Load model weights from pickle (*.bin) files; off by default, since unpickling can run code."""
 
 
 class TaskSource(_Strict):
@@ -99,6 +101,9 @@ class TrainConfig(_Strict):
     """auto: autocast to the model's dtype when it is bf16/fp16 (trainable weights are kept in fp32)."""
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=100, ge=0)
+    """Save the mid-stage step state (trainable weights, optimizer, scheduler, RNG) every N optimizer
+    steps, so a crash loses at most N steps; 0 = only at the end of each stage."""
 
 
 class EvalConfig(_Strict):

@@ -4,6 +4,7 @@ The loop calls the method's hooks and never names a method."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -25,6 +26,8 @@ from evolora.evaluation import evaluate_task
 from evolora.methods import Method, StepInputs, build_method
 from evolora.metrics import compute_metrics
 from evolora.models import load_model
+from evolora.state import (LOCK, RunLock, clear_step_state, guarded_write, load_tensors, read_progress,
+                           read_step_state, restore_step_state, save_step_state, save_tensors, write_progress)
 
 
 @dataclass
@@ -66,8 +69,8 @@ def autocast_dtype(config: RunConfig, model: torch.nn.Module) -> str:
 def make_accelerator(config: RunConfig, model, device):
     from accelerate import Accelerator
 
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=autocast_dtype(config, model),
-                       gradient_accumulation_steps=config.train.grad_accum)
+    # Gradient accumulation is done in the loop (explicit sync steps), not by accelerate's counter.
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=autocast_dtype(config, model))
 
 
 def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
@@ -131,8 +134,13 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
+class Interrupted(EvoloraError):
+    """Ctrl-C during training: the step state was saved and the run can be resumed."""
+
+
 def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Encoded], step_log: StepLog,
-                global_step: int) -> dict:
+                global_step: int, resume: Optional[dict] = None) -> dict:
+    """Trains one stage. `resume` is a saved step state of this stage: training continues after it."""
     cfg = ctx.config.train
     model, accelerator = ctx.model, ctx.accelerator
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,69 +151,100 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
             p.data = p.data.float()
     from transformers import get_scheduler
 
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches: list[list[Encoded]] = []
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_batches = max(1, round(batches_per_epoch * cfg.epochs))
-    total_updates = math.ceil(total_batches / cfg.grad_accum)
+    epoch = 0
+    while len(batches) < total_batches:
+        batches.extend(length_grouped_batches(examples, cfg.batch_size, seed=cfg.seed * 1000 + stage * 97 + epoch))
+        epoch += 1
+    batches = batches[:total_batches]
+    if world > 1:  # every rank takes its share; equal counts keep the collectives in step
+        per_rank = max(1, len(batches) // world)
+        batches = batches[rank::world][:per_rank]
+    total_updates = math.ceil(len(batches) / cfg.grad_accum)
+
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
     # One process: the model is used as is, under autocast. Several: it is wrapped (DDP) per stage, since
     # methods may have added parameters since the last stage.
-    if accelerator.num_processes > 1:
-        model = accelerator.prepare_model(model)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    train_model = accelerator.prepare_model(model) if world > 1 else model
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    first_step = 0
+    if resume is not None:
+        restore_step_state(ctx.run_dir, resume, model, optimizer, scheduler)
+        first_step = resume["step"] + 1
     pad_id = ctx.tokenizer.pad_token_id
     names = ", ".join(ctx.tasks[i].name for i in ctx.stages[stage])
+    every = cfg.checkpoint_every
+    is_main = accelerator.is_main_process
 
-    batches: list[list[Encoded]] = []
-    epoch = 0
-    while len(batches) < total_batches:
-        batches.extend(length_grouped_batches(examples, cfg.batch_size, seed=cfg.seed * 1000 + stage * 97 + epoch))
-        epoch += 1
-    batches = batches[:total_batches]
+    def save_state(step: int) -> None:
+        if is_main and ctx.run_dir is not None:
+            save_step_state(ctx.run_dir, stage, step, model, optimizer, scheduler, {"global_step": global_step + step})
 
     from tqdm.auto import tqdm
 
-    model.train()
-    tokens, started, running = 0, time.perf_counter(), None
-    bar = tqdm(batches, desc=f"stage {stage + 1}/{len(ctx.stages)} [{names}]", leave=False, disable=None)
-    for step, items in enumerate(bar):
-        batch = collate_train(items, pad_id).to(ctx.device)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1,
-                                output_hidden_states=method.needs_hidden_states)
-                task_loss = answer_loss(outputs.logits, batch.labels)
-                terms = method.loss_terms(StepInputs(batch, outputs, task_loss, stage), ctx)
-                loss = task_loss + sum(terms.values()) if terms else task_loss
-            if not torch.isfinite(loss):
-                raise EvoloraError(f"loss is {loss.item()} at stage {stage + 1} ({names}), step {step}: "
-                                   "lower train.lr or check the data")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        tokens += batch.n_tokens
-        value = loss.item()
-        running = value if running is None else 0.9 * running + 0.1 * value
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-        if step % ctx.config.train.log_every == 0 or step == len(batches) - 1:
-            record = {"stage": stage, "step": step, "loss": value, "task_loss": task_loss.item(),
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed}
-            record.update({k: v.item() for k, v in terms.items()})
-            step_log.write(record, global_step + step)
+    train_model.train()
+    tokens, started, running, last_synced = 0, time.perf_counter(), None, first_step - 1
+    bar = tqdm(total=len(batches), initial=first_step, desc=f"stage {stage + 1}/{len(ctx.stages)} [{names}]",
+               leave=False, disable=None if is_main else True)
+    try:
+        for step in range(first_step, len(batches)):
+            batch = collate_train(batches[step], pad_id).to(ctx.device)
+            sync = (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
+                with accelerator.autocast():
+                    outputs = train_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1,
+                                          output_hidden_states=method.needs_hidden_states)
+                    task_loss = answer_loss(outputs.logits, batch.labels)
+                    terms = method.loss_terms(StepInputs(batch, outputs, task_loss, stage), ctx)
+                    loss = task_loss + sum(terms.values()) if terms else task_loss
+                if not torch.isfinite(loss):
+                    raise EvoloraError(f"loss is {loss.item()} at stage {stage + 1} ({names}), step {step}: stopped; "
+                                       "the last good checkpoint is kept (lower train.lr or check the data)")
+                accelerator.backward(loss / cfg.grad_accum)
+            if sync:
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                last_synced = step
+            tokens += batch.n_tokens
+            value = loss.item()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            if is_main and (step % cfg.log_every == 0 or step == len(batches) - 1):
+                record = {"stage": stage, "step": step, "loss": value, "task_loss": task_loss.item(),
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed}
+                record.update({k: v.item() for k, v in terms.items()})
+                step_log.write(record, global_step + step)
+            if every and sync and (step + 1) % every == 0 and step < len(batches) - 1:
+                save_state(step)
+    except KeyboardInterrupt:
+        bar.close()
+        if last_synced >= first_step:
+            save_state(last_synced)
+            raise Interrupted(f"interrupted at stage {stage + 1} ({names}), step {last_synced}: state saved in "
+                              f"{ctx.run_dir}; continue with --resume {ctx.run_dir}") from None
+        raise Interrupted(f"interrupted at stage {stage + 1} ({names}); continue with --resume {ctx.run_dir}") \
+            from None
     bar.close()
     model.eval()
-    ctx.model = accelerator.unwrap_model(model)
+    ctx.model = model
+    del train_model
     accelerator.free_memory()
     seconds = time.perf_counter() - started
-    return {"steps": len(batches), "updates": total_updates, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "final_loss": running}
+    return {"steps": len(batches), "updates": total_updates, "tokens": tokens * world, "seconds": seconds,
+            "tokens_per_s": tokens * world / seconds if seconds else 0.0, "final_loss": running,
+            **({"resumed_at_step": first_step} if first_step else {})}
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -233,58 +272,67 @@ def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
                              "autocast": autocast_dtype(ctx.config, ctx.model), "version": __version__},
                             sort_keys=True)
     path = cache_dir() / "zero_shot" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
+    row = None
+    if ctx.accelerator.is_main_process and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("key") == key_source:
-                return cached["row"]
-        except (json.JSONDecodeError, KeyError):
-            pass
-    row, _ = evaluate_row(ctx, Method(), list(range(len(ctx.tasks))))
-    atomic.write_json(path, {"key": key_source, "row": row})
+            row = cached["row"] if cached.get("key") == key_source else None
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            row = None
+    if ctx.accelerator.num_processes > 1:  # every rank must take the same branch
+        from accelerate.utils import broadcast_object_list
+
+        row = broadcast_object_list([row])[0]
+    if row is None:
+        row, _ = evaluate_row(ctx, Method(), list(range(len(ctx.tasks))))
+        if ctx.accelerator.is_main_process:
+            atomic.write_json(path, {"key": key_source, "row": row})
     return row
 
 
 def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int]) -> tuple[list, dict]:
+    """Accuracy on the given tasks. With several processes each evaluates a shard of every test set and
+    the counts are summed."""
     cfg = ctx.config.eval
+    accelerator = ctx.accelerator
+    shard = (accelerator.process_index, accelerator.num_processes)
     row: list[Optional[float]] = [None] * len(ctx.tasks)
     predictions = {}
+    counts = torch.zeros(len(ctx.tasks), 2, dtype=torch.long)
     ctx.model.eval()
-    with ctx.accelerator.autocast():
+    with accelerator.autocast():
         for j in task_indices:
             with method.route(j):
                 result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
-                                       cfg.batch_size, cfg.max_new_tokens)
-            row[j] = result.accuracy
+                                       cfg.batch_size, cfg.max_new_tokens, shard=shard)
+            counts[j] = torch.tensor([result.correct, result.total])
             predictions[ctx.tasks[j].name] = result.predictions
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    for j in task_indices:
+        row[j] = 100.0 * counts[j, 0].item() / counts[j, 1].item()
     return row, predictions
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
 
 def checkpoint_path(run_dir: Path, stage: int) -> Path:
-    return run_dir / "checkpoints" / f"stage-{stage + 1:02d}.safetensors"
+    return Path(run_dir) / "checkpoints" / f"stage-{stage + 1:02d}.safetensors"
 
 
-def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> Path:
+def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> str:
+    """Writes the stage's checkpoint (main process only); returns its sha256."""
     path = checkpoint_path(ctx.run_dir, stage)
     names = [ctx.tasks[i].name for i in ctx.stages[stage]]
-    atomic.save_safetensors(path, method.checkpoint_state(ctx.model),
-                            metadata={"stage": str(stage), "tasks": ",".join(names), "method": method.name})
+    digest = save_tensors(path, method.checkpoint_state(ctx.model),
+                          {"stage": str(stage), "tasks": ",".join(names), "method": method.name})
     if ctx.config.output.keep_checkpoints == "last" and stage > 0:
-        previous = checkpoint_path(ctx.run_dir, stage - 1)
-        previous.unlink(missing_ok=True)
-    return path
+        checkpoint_path(ctx.run_dir, stage - 1).unlink(missing_ok=True)
+    return digest
 
 
-def load_checkpoint(ctx: RunContext, method: Method, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise EvoloraError(f"{path}: unreadable checkpoint ({exc})") from None
+def load_checkpoint(ctx: RunContext, method: Method, path: Path, sha256: Optional[str] = None) -> None:
+    state = load_tensors(path, sha256)
     try:
         method.load_checkpoint_state(ctx.model, state)
     except KeyError as exc:
@@ -294,81 +342,173 @@ def load_checkpoint(ctx: RunContext, method: Method, path: Path) -> None:
 # --- the run -----------------------------------------------------------------------------------------
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise EvoloraError(f"{run_dir}: run folder exists and is not empty; choose another output.dir "
-                               "or set output.overwrite=true")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Called with the run folder's lock held: refuses a used folder unless overwrite is set."""
+    existing = [p for p in run_dir.iterdir() if p.name != LOCK]
+    if existing and not overwrite:
+        raise EvoloraError(f"{run_dir}: run folder exists and is not empty; choose another output.dir, set "
+                           "output.overwrite=true, or continue it with --resume")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print) -> dict:
+def check_resume_config(config: RunConfig, run_dir: Path) -> None:
+    from evolora.config import load_config
+
+    saved = load_config(run_dir / "config.yaml")
+
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            out = {}
+            for k, v in obj.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: obj}
+
+    ignore = {"output.dir", "output.overwrite"}
+    mine, theirs = flat(config.model_dump(mode="json")), flat(saved.model_dump(mode="json"))
+    for key in sorted(set(mine) | set(theirs)):
+        if key not in ignore and mine.get(key) != theirs.get(key):
+            raise EvoloraError(f"--resume: {key} is {mine.get(key)!r} here but {theirs.get(key)!r} in "
+                               f"{run_dir / 'config.yaml'}; a run resumes with the config it started with")
+
+
+def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
+        resume: bool = False) -> dict:
+    """A whole continual run. With `resume`, continues the run folder from its last completed stage or
+    its last step state."""
+    from accelerate import PartialState
+
+    dist = PartialState()
+    is_main = dist.is_main_process
+    say = log if is_main else (lambda _: None)
     run_dir = Path(run_dir) if run_dir else config.run_dir()
-    prepare_run_dir(run_dir, config.output.overwrite)
-    atomic.write_text(run_dir / "config.yaml", dump_config(config))
-    timings: dict[str, Any] = {}
-    started = time.perf_counter()
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise EvoloraError(f"{run_dir}: nothing to resume (no config.yaml)")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.wait_for_everyone()
+    with RunLock(run_dir) if is_main else contextlib.nullcontext():
+        if resume:
+            check_resume_config(config, run_dir)
+            progress = read_progress(run_dir) or {}
+        else:
+            if is_main:
+                prepare_run_dir(run_dir, config.output.overwrite)
+                guarded_write(run_dir / "config.yaml",
+                              lambda: atomic.write_text(run_dir / "config.yaml", dump_config(config)))
+            progress = {}
+        dist.wait_for_everyone()
+        return _run_locked(config, run_dir, say, progress, is_main)
 
-    zero_shot = None
+
+def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: bool) -> dict:
+    started = time.perf_counter()
+    timings: dict[str, Any] = dict(progress.get("timings", {}))
+    zero_shot = progress.get("zero_shot")
 
     def evaluate_zero_shot(ctx: RunContext) -> None:
         nonlocal zero_shot
         names = [t.name for t in ctx.tasks]
         log(f"{config.method.name} on {len(names)} tasks: {' -> '.join(names)} ({sum(len(t.train) for t in ctx.tasks)}"
             f" train / {sum(len(t.test) for t in ctx.tasks)} test examples)")
-        if config.eval.zero_shot:
+        if config.eval.zero_shot and zero_shot is None:
             t0 = time.perf_counter()
             zero_shot = zero_shot_row(ctx)
             timings["zero_shot_eval_s"] = time.perf_counter() - t0
+        if zero_shot is not None:
             log("zero-shot: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, zero_shot)))
 
     ctx, method = build_context(config, run_dir, log, before_setup=evaluate_zero_shot)
-    timings["setup_s"] = time.perf_counter() - started - timings.get("zero_shot_eval_s", 0.0)
     names = [t.name for t in ctx.tasks]
+    R: list[list[Optional[float]]] = list(progress.get("R", []))
+    stage_records: list[dict] = list(progress.get("stages", []))
+    checksums: dict[str, str] = dict(progress.get("checkpoints", {}))
+    global_step = progress.get("global_step", 0)
+    completed = len(R)
+    previous_s = timings.get("total_s", 0.0)
 
-    step_log = StepLog(run_dir, config.output.tensorboard)
-    R: list[list[Optional[float]]] = []
-    stage_records = []
-    global_step = 0
+    if completed:  # rebuild the structure of the finished stages, then load the last one's tensors
+        for stage in range(completed):
+            method.grow(stage, ctx)
+        path = checkpoint_path(run_dir, completed - 1)
+        load_checkpoint(ctx, method, path, checksums.get(path.name))
+        log(f"resumed after stage {completed}/{len(ctx.stages)}")
+    step_state = read_step_state(run_dir)
+    step_log = StepLog(run_dir if is_main else None, config.output.tensorboard)
+    if step_log.path and step_log.path.is_file():
+        _trim_step_log(step_log.path, completed, step_state)
+
+    def save_progress(complete: bool) -> dict:
+        timings["total_s"] = previous_s + time.perf_counter() - started
+        record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete)
+        if is_main:
+            write_progress(run_dir, {"zero_shot": zero_shot, "R": R, "stages": stage_records,
+                                     "checkpoints": checksums, "global_step": global_step, "timings": timings})
+            guarded_write(run_dir / "metrics.json", lambda: atomic.write_json(run_dir / "metrics.json", record))
+        return record
+
     continual = all(len(s) == 1 for s in ctx.stages)
-    for stage, task_indices in enumerate(ctx.stages):
+    for stage in range(completed, len(ctx.stages)):
+        task_indices = ctx.stages[stage]
         method.grow(stage, ctx)
         method.before_task(stage, ctx)
         examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
         examples = method.training_examples(stage, examples, ctx)
-        train_stats = train_stage(ctx, method, stage, examples, step_log, global_step)
+        resume_from = step_state if step_state and step_state["stage"] == stage else None
+        if resume_from:
+            log(f"resuming stage {stage + 1} after step {resume_from['step']}")
+        train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
         global_step += train_stats["steps"]
         method.after_task(stage, ctx)
-        save_checkpoint(ctx, method, stage)
+        if is_main:
+            path = checkpoint_path(run_dir, stage)
+            checksums[path.name] = save_checkpoint(ctx, method, stage)
 
         t0 = time.perf_counter()
-        seen_upto = max(task_indices)
         policy = config.eval.future_tasks if continual else "all"
-        row, predictions = evaluate_row(ctx, method, tasks_to_evaluate(policy, seen_upto, len(ctx.tasks)))
+        row, _ = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)))
         eval_s = time.perf_counter() - t0
         R.append(row)
         stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s})
+        save_progress(complete=False)
+        if is_main:
+            clear_step_state(run_dir)
+        step_state = None
         log(f"stage {stage + 1}/{len(ctx.stages)} [{', '.join(names[i] for i in task_indices)}]: "
             f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
             f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
             + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None))
-        _write_metrics(run_dir, config, method, ctx, names, R, zero_shot, stage_records, timings, started,
-                       continual, complete=False)
     step_log.close()
-    metrics = _write_metrics(run_dir, config, method, ctx, names, R, zero_shot, stage_records, timings, started,
-                             continual, complete=True)
-    from evolora.report import write_report
+    record = save_progress(complete=True)
+    if is_main:
+        from evolora.report import write_report
 
-    write_report(run_dir)
-    return metrics
+        write_report(run_dir)
+    return record
 
 
-def _write_metrics(run_dir, config, method, ctx, names, R, zero_shot, stage_records, timings, started,
-                   continual, complete: bool) -> dict:
+def _trim_step_log(path: Path, completed: int, step_state: Optional[dict]) -> None:
+    """Drops log lines of work that a resume will redo."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done = rec["stage"] < completed or (step_state is not None and rec["stage"] == step_state["stage"]
+                                            and rec["step"] <= step_state["step"])
+        if done:
+            keep.append(line)
+    atomic.write_text(path, "".join(x + "\n" for x in keep))
+
+
+def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete: bool) -> dict:
     params = count_parameters(ctx.model, method)
     n_tasks = len(names)
+    continual = all(len(s) == 1 for s in ctx.stages)
     summary = compute_metrics(R, zero_shot, continual) if complete else {}
-    record = {
+    forgetting = summary.get("forgetting_per_task") or [None] * n_tasks
+    return {
         "name": config.name,
         "method": method.name,
         "model": config.model.name,
@@ -380,16 +520,12 @@ def _write_metrics(run_dir, config, method, ctx, names, R, zero_shot, stage_reco
         "metrics": summary,
         "per_task": {
             name: {"final": R[-1][j] if R else None, "zero_shot": zero_shot[j] if zero_shot else None,
-                   "forgetting": (summary.get("forgetting_per_task") or [None] * n_tasks)[j]
-                   if j < n_tasks - 1 else None}
+                   "forgetting": forgetting[j] if j < n_tasks - 1 and j < len(forgetting) else None}
             for j, name in enumerate(names)
         },
         "parameters": {**params, "added_per_task": params["added"] / n_tasks if n_tasks else 0},
         "stages": stage_records,
         "timings": {**timings, "train_s": sum(s["train"]["seconds"] for s in stage_records),
-                    "eval_s": sum(s["eval_s"] for s in stage_records) + timings.get("zero_shot_eval_s", 0.0),
-                    "total_s": time.perf_counter() - started},
+                    "eval_s": sum(s["eval_s"] for s in stage_records) + timings.get("zero_shot_eval_s", 0.0)},
         "method_metrics": method.extra_metrics(),
     }
-    atomic.write_json(run_dir / "metrics.json", record)
-    return record

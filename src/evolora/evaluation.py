@@ -17,9 +17,14 @@ from evolora.data.tasks import Task
 
 @dataclass
 class TaskResult:
-    accuracy: float
-    """0-100"""
+    correct: int
+    total: int
     predictions: list[str]
+
+    @property
+    def accuracy(self) -> float:
+        """0-100"""
+        return 100.0 * self.correct / self.total if self.total else 0.0
 
 
 def _pad_candidates(candidates: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +92,14 @@ def generate_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, 
 
 
 def evaluate_task(model, task: Task, task_index: int, prompts: PromptBuilder, device: torch.device,
-                  mode: str = "loglik", batch_size: int = 16, max_new_tokens: int = 16) -> TaskResult:
-    prompt_ids = [prompts.encode_prompt(task, ex, task_index).input_ids for ex in task.test]
+                  mode: str = "loglik", batch_size: int = 16, max_new_tokens: int = 16,
+                  shard: tuple[int, int] = (0, 1)) -> TaskResult:
+    """Accuracy on the task's test examples; with shard=(rank, world) only every world-th example."""
+    rank, world = shard
+    examples = task.test[rank::world]
+    if not examples:
+        return TaskResult(0, 0, [])
+    prompt_ids = [prompts.encode_prompt(task, ex, task_index).input_ids for ex in examples]
     pad_id = prompts.tokenizer.pad_token_id
     if mode == "loglik" and task.is_classification:
         candidates = [prompts.answer_ids(label) for label in task.labels]
@@ -97,5 +108,5 @@ def evaluate_task(model, task: Task, task_index: int, prompts: PromptBuilder, de
     else:
         answers = generate_answers(model, prompt_ids, pad_id, prompts.eos_id, device, max_new_tokens, batch_size)
         predictions = [prompts.decode_answer(a) for a in answers]
-    correct = sum(p == ex.output.strip() for p, ex in zip(predictions, task.test))
-    return TaskResult(100.0 * correct / len(task.test), predictions)
+    correct = sum(p == ex.output.strip() for p, ex in zip(predictions, examples))
+    return TaskResult(correct, len(examples), predictions)

@@ -112,11 +112,12 @@ def load_model(config: ModelConfig):
             local = Path(source).expanduser()
             if local.exists() and not (local / "config.json").is_file():
                 raise EvoloraError(f"model.name: {local} has no config.json (not a Hugging Face model folder)")
-            if local.exists():
+            if local.exists() and not config.allow_pickle:
                 _refuse_pickle_only(local)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=None,
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                         use_safetensors=None if config.allow_pickle else True,
                                                          trust_remote_code=config.trust_remote_code)
         except OSError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -145,4 +146,4 @@ def _refuse_pickle_only(folder: Path) -> None:
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     if has_pickle and not has_safetensors:
         raise EvoloraError(f"model.name: {folder} holds only pickle weights (*.bin); evolora loads safetensors "
-                           "only - convert the checkpoint to safetensors first")
+                           "only - convert it to safetensors, or set model.allow_pickle=true if you trust it")

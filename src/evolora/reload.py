@@ -8,19 +8,20 @@ from evolora import atomic
 from evolora.config import load_config
 from evolora.engine import build_context, checkpoint_path, evaluate_row, load_checkpoint
 from evolora.errors import EvoloraError
+from evolora.state import read_progress
 
 
 def load_run(run_dir: Path, overrides: list[str] = ()):
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml", overrides)
     ctx, method = build_context(config, run_dir, log=lambda _: None)
-    last = len(ctx.stages) - 1
-    path = checkpoint_path(run_dir, last)
-    if not path.is_file():
-        raise EvoloraError(f"{path}: final checkpoint missing (did the run finish?)")
+    progress = read_progress(run_dir) or {}
+    if len(progress.get("R", [])) != len(ctx.stages):
+        raise EvoloraError(f"{run_dir}: the run has not finished (resume it with evolora run --resume)")
+    path = checkpoint_path(run_dir, len(ctx.stages) - 1)
     for stage in range(len(ctx.stages)):
         method.grow(stage, ctx)
-    load_checkpoint(ctx, method, path)
+    load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name))
     ctx.model.eval()
     return ctx, method
 

@@ -1,0 +1,195 @@
+"""What a run folder holds between crashes: a lock, the progress record, per-stage checkpoints and the
+mid-stage step state, each file atomic and checksummed, so a resumed run continues exactly where the
+last one stopped and a corrupt file is refused by name."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from evolora import atomic
+from evolora.errors import EvoloraError
+
+LOCK = ".lock"
+PROGRESS = "progress.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RunLock:
+    """An exclusive lock on a run folder: a second run into it gets a clear error. A lock left by a
+    process that no longer exists (a crash, SIGKILL) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise EvoloraError(f"{self.path.parent}: run folder is in use by process {owner} "
+                                       f"(remove {self.path} if that is wrong)") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise EvoloraError(f"{self.path}: cannot take the run-folder lock")
+
+    def _owner(self) -> Optional[int]:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def guarded_write(what: Path, write) -> None:
+    """Runs an atomic write; a full disk or other OS error becomes one line naming the file, and the
+    previous version of the file stays as it was."""
+    try:
+        write()
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise EvoloraError(f"{what}: could not be written ({reason}); the previous version is intact") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    guarded_write(path, lambda: atomic.save_safetensors(path, tensors, metadata))
+    return sha256_file(path)
+
+
+def load_tensors(path: Path, sha256: Optional[str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise EvoloraError(f"{path}: checkpoint missing")
+    if sha256 and sha256_file(path) != sha256:
+        raise EvoloraError(f"{path}: checkpoint is corrupt (checksum mismatch); it was not loaded")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EvoloraError(f"{path}: checkpoint is corrupt or partial ({exc})") from None
+
+
+def read_progress(run_dir: Path) -> Optional[dict]:
+    path = Path(run_dir) / PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvoloraError(f"{path}: progress record is corrupt") from None
+
+
+def write_progress(run_dir: Path, progress: dict) -> None:
+    path = Path(run_dir) / PROGRESS
+    guarded_write(path, lambda: atomic.write_json(path, progress))
+
+
+# --- mid-stage step state ----------------------------------------------------------------------------
+
+def step_state_paths(run_dir: Path) -> tuple[Path, Path]:
+    return Path(run_dir) / "state" / "step.safetensors", Path(run_dir) / "state" / "step.json"
+
+
+def save_step_state(run_dir: Path, stage: int, step: int, model: torch.nn.Module, optimizer, scheduler,
+                    extra: dict[str, Any]) -> None:
+    """Trainable weights, optimizer moments, scheduler and RNG states after `step` (0-based) of `stage`."""
+    tensors = {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = optimizer.state_dict()
+    for index, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensor_path, json_path = step_state_paths(run_dir)
+    digest = save_tensors(tensor_path, tensors, {"stage": str(stage), "step": str(step)})
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    record = {
+        "stage": stage, "step": step, "sha256": digest,
+        "param_groups": opt_state["param_groups"],
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        **extra,
+    }
+    guarded_write(json_path, lambda: atomic.write_json(json_path, record))
+
+
+def read_step_state(run_dir: Path) -> Optional[dict]:
+    _, json_path = step_state_paths(run_dir)
+    if not json_path.is_file():
+        return None
+    try:
+        return json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvoloraError(f"{json_path}: step state is corrupt") from None
+
+
+def restore_step_state(run_dir: Path, record: dict, model: torch.nn.Module, optimizer, scheduler) -> None:
+    tensor_path, _ = step_state_paths(run_dir)
+    tensors = load_tensors(tensor_path, record["sha256"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param."):
+                name = key[len("param."):]
+                if name not in params:
+                    raise EvoloraError(f"{tensor_path}: does not match this run's model ({name})")
+                params[name].copy_(value)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": record["param_groups"]})
+    scheduler_state = dict(record["scheduler"])
+    scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("base_lrs", []))
+    scheduler.load_state_dict(scheduler_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = record["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = record["rng_numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def clear_step_state(run_dir: Path) -> None:
+    for path in step_state_paths(run_dir):
+        path.unlink(missing_ok=True)
