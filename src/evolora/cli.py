@@ -36,7 +36,7 @@ def run(config: Path = typer.Argument(..., help="YAML run config."),
     metrics = run_stream(cfg, run_dir, log=_echo, resume=resume is not None)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    if PartialState().is_main_process:  # already set up by the run
         _finish(metrics, run_dir)
 
 

@@ -378,7 +378,8 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     its last step state."""
     from accelerate import PartialState
 
-    dist = PartialState()
+    # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
+    dist = PartialState(cpu=config.model.device == "cpu" or not torch.cuda.is_available())
     is_main = dist.is_main_process
     say = log if is_main else (lambda _: None)
     run_dir = Path(run_dir) if run_dir else config.run_dir()

@@ -1,0 +1,221 @@
+"""Faults: SIGKILL mid-task then --resume, Ctrl-C, a second run into a locked folder, corrupt
+checkpoints, NaN loss, a full disk while saving; and determinism."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from evolora.config import build_config
+from evolora.engine import checkpoint_path, run
+from evolora.errors import EvoloraError
+from evolora.methods import register
+from evolora.methods.registry import METHODS
+from evolora.methods.seq_lora import SeqLoRA
+from evolora.state import RunLock, read_progress
+
+
+def long_config(tiny_config, tmp_path, **train):
+    raw = tiny_config(tmp_path, data={"train_per_label": 24, "test_per_label": 4},
+                      train={"batch_size": 1, "checkpoint_every": 5, **train})
+    return raw
+
+
+def start(args, tmp_path):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.Popen([sys.executable, "-m", "evolora", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+
+def wait_for_step_state(run_dir, proc, stage, timeout=300):
+    deadline = time.time() + timeout
+    state = run_dir / "state" / "step.json"
+    while time.time() < deadline:
+        if state.is_file():
+            try:
+                record = json.loads(state.read_text())
+            except json.JSONDecodeError:
+                record = None
+            if record and record["stage"] == stage and record["step"] >= 9:
+                return record
+        assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()}"
+        time.sleep(0.01)
+    raise AssertionError("no step state appeared")
+
+
+def comparable(metrics):
+    return {"R": metrics["R"], "zero_shot": metrics["zero_shot"], "metrics": metrics["metrics"]}
+
+
+def test_sigkill_mid_task_then_resume_gives_the_same_result(tmp_path, tiny_config):
+    raw = long_config(tiny_config, tmp_path)
+    reference = run(build_config({**raw, "output": {**raw["output"], "dir": str(tmp_path / "ref")}}))
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    proc = start(["run", config], tmp_path)
+    killed_at = wait_for_step_state(run_dir, proc, stage=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / ".lock").is_file()  # left behind by the killed process: taken over on resume
+    assert len(read_progress(run_dir)["R"]) == 1
+
+    result = subprocess.run([sys.executable, "-m", "evolora", "run", str(config), "--resume", str(run_dir)],
+                            capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    assert result.returncode == 0, result.stderr
+    assert "resumed after stage 1/2" in result.stdout and "resuming stage 2 after step" in result.stdout
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["complete"] and resumed["stages"][1]["train"]["resumed_at_step"] >= killed_at["step"] + 1
+    assert comparable(resumed) == comparable(reference)
+    # stronger than equal accuracies: the final weights are bit-for-bit those of the uninterrupted run
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(checkpoint_path(run_dir, 1)), load_file(checkpoint_path(tmp_path / "ref", 1))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not (run_dir / "state" / "step.json").exists() and not (run_dir / ".lock").exists()
+    steps = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+    keys = [(r["stage"], r["step"]) for r in steps]
+    assert len(keys) == len(set(keys))  # redone steps are not logged twice
+
+
+def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_config):
+    raw = long_config(tiny_config, tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    proc = start(["run", config], tmp_path)
+    wait_for_step_state(run_dir, proc, stage=0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at stage 1" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert (run_dir / "state" / "step.json").is_file() and not (run_dir / ".lock").exists()
+    result = subprocess.run([sys.executable, "-m", "evolora", "run", str(config), "--resume", str(run_dir)],
+                            capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["complete"]
+
+
+def test_locked_folder_and_resume_with_other_config(tmp_path, tiny_config):
+    raw = tiny_config(tmp_path)
+    cfg = build_config(raw)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunLock(run_dir):
+        with pytest.raises(EvoloraError, match="in use by process"):
+            run(cfg)
+    run(cfg)
+    with pytest.raises(EvoloraError, match=r"--resume: train.lr is 0.5 here but 0.001"):
+        run(build_config(raw, ["train.lr=0.5"]), resume=True)
+    with pytest.raises(EvoloraError, match="nothing to resume"):
+        run(cfg, tmp_path / "elsewhere", resume=True)
+
+
+def test_corrupt_checkpoint_is_refused_by_name(tmp_path, tiny_config):
+    from evolora.reload import evaluate_run
+
+    run(build_config(tiny_config(tmp_path)))
+    run_dir = tmp_path / "run"
+    evaluate_run(run_dir)
+    path = checkpoint_path(run_dir, 1)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(EvoloraError, match=r"stage-02.safetensors: checkpoint is corrupt \(checksum mismatch\)"):
+        evaluate_run(run_dir)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(EvoloraError, match="checkpoint is corrupt"):
+        evaluate_run(run_dir)
+
+
+class NanAtStage2(SeqLoRA):
+    name = "nan_for_tests"
+
+    def loss_terms(self, step, ctx):
+        if step.stage == 1 and step.batch.n_tokens:
+            return {"boom": torch.tensor(float("nan"))}
+        return {}
+
+
+def test_nan_loss_stops_naming_task_and_step_and_keeps_last_checkpoint(tmp_path, tiny_config):
+    register(NanAtStage2)
+    try:
+        with pytest.raises(EvoloraError, match=r"loss is nan at stage 2 \(demo_place\), step 0"):
+            run(build_config(tiny_config(tmp_path, "nan_for_tests")))
+    finally:
+        METHODS.pop("nan_for_tests")
+    run_dir = tmp_path / "run"
+    progress = read_progress(run_dir)
+    assert len(progress["R"]) == 1
+    from evolora.state import sha256_file
+
+    assert sha256_file(checkpoint_path(run_dir, 0)) == progress["checkpoints"]["stage-01.safetensors"]
+
+
+def test_full_disk_while_saving_leaves_previous_checkpoint(tmp_path, tiny_config, monkeypatch):
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def failing_save(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second stage's checkpoint: half a file, then ENOSPC
+            with open(filename, "wb") as fh:
+                fh.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    raw = tiny_config(tmp_path, train={"checkpoint_every": 0})
+    with pytest.raises(EvoloraError, match=r"stage-02.safetensors: could not be written \(no space left on device\)"):
+        run(build_config(raw))
+    run_dir = tmp_path / "run"
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert files == ["stage-01.safetensors"]  # no partial or temporary file
+    progress = read_progress(run_dir)
+    from evolora.state import sha256_file
+
+    assert sha256_file(checkpoint_path(run_dir, 0)) == progress["checkpoints"]["stage-01.safetensors"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert run(build_config(raw), resume=True)["complete"]
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, tiny_config):
+    a = run(build_config(tiny_config(tmp_path / "a")))
+    b = run(build_config(tiny_config(tmp_path / "b")))
+
+    def strip(m):
+        m = json.loads(json.dumps(m))
+        m.pop("timings")
+        for stage in m["stages"]:
+            stage.pop("eval_s")
+            for key in ("seconds", "tokens_per_s"):
+                stage["train"].pop(key)
+        return m
+
+    assert strip(a) == strip(b)
+    la = (tmp_path / "a" / "run" / "steps.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "run" / "steps.jsonl").read_text().splitlines()
+    assert [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in la] == \
+        [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lb]
+
+
+def test_pickle_only_model_folder_is_refused(tmp_path):
+    from evolora.config import ModelConfig
+    from evolora.models import load_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(EvoloraError, match="holds only pickle weights"):
+        load_model(ModelConfig(name=str(folder)))
