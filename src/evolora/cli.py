@@ -112,21 +112,20 @@ def main() -> None:
     except EvoloraError as exc:
         from evolora.engine import Interrupted
 
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo("error: " + " ".join(str(exc).split()), err=True)
         sys.exit(130 if isinstance(exc, Interrupted) else 2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors of the CLI parser (typer bundles its own click): print them the parser's way.
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+            sys.exit(exc.exit_code or 2)
         raise
 
 
