@@ -31,3 +31,18 @@ def test_embedded_smollm2_loads_and_answers():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = evaluate_task(model, task, 0, PromptBuilder(tokenizer, 64), device)
     assert 0.0 <= result.accuracy <= 100.0 and len(result.predictions) == len(task.test)
+
+
+def test_chat_template_prompt_and_answer():
+    from transformers import AutoTokenizer
+
+    from evolora.data.tasks import Example, Task
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    builder = PromptBuilder(tokenizer, 8, chat_template=True)
+    task = Task("t", "Classify.\n", ["pos", "neg"], [], [])
+    encoded = builder.encode_train(task, Example("one two three four five six seven eight nine ten", "neg"), 0)
+    prompt = tokenizer.decode(encoded.input_ids[: encoded.prompt_len])
+    assert prompt.rstrip().endswith("<|im_start|>assistant") and "<|im_start|>user\nClassify." in prompt
+    assert "ten" not in prompt  # the input was cut to 8 tokens, the template kept
+    assert tokenizer.decode(encoded.input_ids[encoded.prompt_len:]) == "neg<|im_end|>"

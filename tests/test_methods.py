@@ -112,3 +112,9 @@ def test_bad_target_module_is_one_line(tmp_path, tiny_config):
     cfg = build_config(tiny_config(tmp_path, "seq_lora", method={"options": {"target_modules": ["qkv"]}}))
     with pytest.raises(ConfigError, match=r"method.options.target_modules: 'qkv' is not a module"):
         run(cfg)
+
+
+def test_gradient_accumulation_counts_updates(tmp_path, tiny_config):
+    metrics = run(build_config(tiny_config(tmp_path, train={"grad_accum": 3, "batch_size": 2})))
+    for stage in metrics["stages"]:
+        assert stage["train"]["updates"] == -(-stage["train"]["steps"] // 3)

@@ -169,10 +169,13 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
-    # One process: the model is used as is, under autocast. Several: it is wrapped (DDP) per stage, since
-    # methods may have added parameters since the last stage.
-    train_model = accelerator.prepare_model(model) if world > 1 else model
-    optimizer = accelerator.prepare_optimizer(optimizer)
+    # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
+    # together (DDP, FSDP or DeepSpeed, as `accelerate launch` configured) at every stage, since methods
+    # may have added parameters since the last one.
+    if world > 1:
+        train_model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        train_model, optimizer = model, accelerator.prepare_optimizer(optimizer)
     first_step = 0
     if resume is not None:
         restore_step_state(ctx.run_dir, resume, model, optimizer, scheduler)
