@@ -13,7 +13,8 @@ def register(cls):
 
 
 def _load_all() -> None:
-    from evolora.methods import multitask, seq_ft, seq_lora  # noqa: F401  (registration side effect)
+    from evolora.methods import (ewc, lwf, multitask, olora, per_task_lora, replay,  # noqa: F401 (registers)
+                                 seq_ft, seq_lora)
 
 
 def method_class(name: str, source: str = "config"):

@@ -8,11 +8,25 @@ from evolora.methods.base import LoraOptions, Method, check_target_modules
 from evolora.methods.registry import register
 
 
+def lora_config(options: LoraOptions) -> LoraConfig:
+    return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                      target_modules=list(options.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
 def add_lora(model, options: LoraOptions, adapter_name: str = "default"):
     check_target_modules(model, options.target_modules)
-    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=list(options.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return get_peft_model(model, lora_config(options), adapter_name=adapter_name)
+
+
+def task_adapter(task_index: int) -> str:
+    return f"task_{task_index}"
+
+
+def activate_adapters(model, active: list[str], trainable: str | None) -> None:
+    """Makes `active` the summed set of adapters; only `trainable`'s weights get gradients."""
+    model.base_model.set_adapter(active if len(active) > 1 else active[0])
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable is not None and f".{trainable}." in name)
 
 
 @register

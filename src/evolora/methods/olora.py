@@ -1,0 +1,61 @@
+"""O-LoRA (Wang et al., 2023, "Orthogonal Subspace Learning for Language Model Continual Learning"):
+a new LoRA per task, earlier ones frozen; the new adapter's A matrices are pushed orthogonal to every old
+adapter's, loss + λ1·Σ_old Σ|A_old·A_newᵀ| + λ2·‖new LoRA‖²; inference sums all adapters (no task id)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evolora.methods.base import LoraOptions, Method
+from evolora.methods.registry import register
+from evolora.methods.seq_lora import activate_adapters, add_lora, lora_config, task_adapter
+
+
+@dataclass
+class OLoRAOptions(LoraOptions):
+    lambda_orth: float = 0.5
+    lambda_l2: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lambda_orth < 0 or self.lambda_l2 < 0:
+            raise ValueError("lambda_orth and lambda_l2 must be >= 0")
+
+
+def orthogonality(old: list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+    """Σ over old adapters of Σ|A_old · A_newᵀ| (A: r x d_in), the O-LoRA penalty for one layer."""
+    return sum(torch.abs(a_old @ new.T).sum() for a_old in old) if old else new.new_zeros(())
+
+
+@register
+class OLoRA(Method):
+    name = "olora"
+    Options = OLoRAOptions
+
+    def setup(self, model, ctx):
+        self.model = add_lora(model, self.options, adapter_name=task_adapter(0))
+        self.pairs: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self.new_params: list[torch.Tensor] = []
+        return self.model
+
+    def grow(self, stage, ctx):
+        name = task_adapter(stage)
+        if name not in self.model.peft_config:
+            self.model.add_adapter(name, lora_config(self.options))
+        activate_adapters(self.model, [task_adapter(i) for i in range(stage + 1)], trainable=name)
+        old_names = [task_adapter(i) for i in range(stage)]
+        self.pairs, self.new_params = [], [p for p in self.model.parameters() if p.requires_grad]
+        for module in self.model.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, torch.nn.ModuleDict) and name in lora_a:
+                self.pairs.append(([lora_a[o].weight.detach() for o in old_names], lora_a[name].weight))
+
+    def loss_terms(self, step, ctx):
+        terms = {}
+        if self.options.lambda_orth and self.pairs and self.pairs[0][0]:
+            terms["orthogonality"] = self.options.lambda_orth * sum(orthogonality(old, new) for old, new in self.pairs)
+        if self.options.lambda_l2:
+            terms["l2"] = self.options.lambda_l2 * sum(p.pow(2).sum() for p in self.new_params)
+        return terms
