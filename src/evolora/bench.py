@@ -53,11 +53,21 @@ def load_suite(path: Path) -> Suite:
         raise ConfigError(f"{path}: {field}: {first['msg']}") from None
 
 
-def result_path(suite_path: Path, suite: Suite, run: SuiteRun) -> Path:
-    return suite_path.parent / suite.results / suite.name / f"{run.name.replace(' ', '_')}.json"
+def result_path(suite_path: Path, suite: Suite, run: SuiteRun, order: Optional[int] = None) -> Path:
+    stem = run.name.replace(" ", "_") + (f"-order{order}" if order is not None else "")
+    return suite_path.parent / suite.results / suite.name / f"{stem}.json"
 
 
-def run_suite(suite_path: Path, only: Optional[list[str]] = None, log=print) -> list[Path]:
+def run_suite(suite_path: Path, only: Optional[list[str]] = None, log=print,
+              orders: Optional[list[int]] = None) -> list[Path]:
+    """Runs every entry of the suite (for each of `orders` when given) whose results file is missing."""
+    done = []
+    for order in orders or [None]:
+        done += _run_suite_order(suite_path, only, log, order)
+    return done
+
+
+def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[Path]:
     from evolora.engine import run as run_stream
 
     suite_path = Path(suite_path)
@@ -67,14 +77,14 @@ def run_suite(suite_path: Path, only: Optional[list[str]] = None, log=print) -> 
     for entry in suite.runs:
         if only and entry.name not in only:
             continue
-        target = result_path(suite_path, suite, entry)
+        target = result_path(suite_path, suite, entry, order)
         if target.is_file():
             log(f"[{entry.name}] results exist: {target} (skipped)")
             done.append(target)
             continue
-        run_dir = Path(suite.runs_dir) / suite.name / entry.name.replace(" ", "_")
-        overrides = [f"method.name={entry.method}", f"name={suite.name}-{entry.name}",
-                     "output.overwrite=true", *entry.set]
+        run_dir = Path(suite.runs_dir) / suite.name / target.stem
+        overrides = [f"method.name={entry.method}", f"name={suite.name}-{target.stem}",
+                     "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
         config = build_config(base, overrides, source=f"{suite_path} [{entry.name}]")
         log(f"[{entry.name}] running into {run_dir}")
         metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"))
@@ -112,6 +122,38 @@ def table_row(metrics: dict) -> list[str]:
             f"{params:,.0f}" if params else "", _cell(metrics["timings"]["total_s"] / 60)]
 
 
+def _aggregate(runs: list[dict]) -> list[dict]:
+    """Groups runs of the same label over task orders: the table shows mean ± std per label."""
+    groups: dict[str, list[dict]] = {}
+    for metrics in runs:
+        groups.setdefault(metrics.get("bench", {}).get("label") or metrics["method"], []).append(metrics)
+    return [{"label": label, "runs": group} for label, group in groups.items()]
+
+
+def _mean_std(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def aggregated_row(label: str, runs: list[dict]) -> list[str]:
+    if len(runs) == 1:
+        return table_row(runs[0])
+
+    def col(key):
+        return _mean_std([r.get("metrics", {}).get(key) for r in runs])
+
+    params = runs[0].get("parameters", {}).get("added_per_task")
+    locator = _mean_std([r.get("method_metrics", {}).get("locator_accuracy") for r in runs])
+    return [f"{label} ({len(runs)} orders)", col("AP"), col("Avg"), col("BWT"), col("FWT"), col("drift_pct"), locator,
+            f"{params:,.0f}" if params else "", _mean_std([r["timings"]["total_s"] / 60 for r in runs])]
+
+
 def results_markdown(result_files: list[Path]) -> str:
     by_suite: dict[str, list[dict]] = {}
     for path in result_files:
@@ -125,8 +167,9 @@ def results_markdown(result_files: list[Path]) -> str:
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     rows, notes = [], []
     for suite, runs in by_suite.items():
+        for group in _aggregate(runs):
+            rows.append("| " + " | ".join(aggregated_row(group["label"], group["runs"])) + " |")
         for metrics in runs:
-            rows.append("| " + " | ".join(table_row(metrics)) + " |")
             b = metrics.get("bench", {})
             stream = metrics["stream"]
             notes.append(f"- `{b.get('label', metrics['method'])}` ({suite}): {stream['name']} order {stream['order']}"
@@ -140,5 +183,68 @@ def write_results(result_files: list[Path], out: Path) -> Path:
     return out
 
 
-def all_result_files(results_root: Path) -> list[Path]:
-    return sorted(Path(results_root).glob("*/*.json"))
+def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> list[Path]:
+    """Every results file under the root; those of `suite_path` first, in the suite's order."""
+    files = sorted(Path(results_root).glob("*/*.json"))
+    if suite_path is None:
+        return files
+    suite = load_suite(Path(suite_path))
+    folder = Path(results_root) / suite.name
+    first = []
+    for entry in suite.runs:
+        stem = entry.name.replace(" ", "_")
+        first += [p for p in sorted(folder.glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
+    return first + [p for p in files if p not in first]
+
+
+# --- comparison of finished runs ------------------------------------------------------------------------
+
+def compare(metrics_list: list[dict], out_dir: Path) -> dict[str, Path]:
+    """Comparison table (Markdown + JSON) and plots (AP/BWT/FWT bars, R heatmaps side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [m.get("bench", {}).get("label") or m["name"] for m in metrics_list]
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
+    body = "".join("| " + " | ".join([label] + table_row(m)[1:]) + " |\n" for label, m in zip(labels, metrics_list))
+    paths = {"markdown": out_dir / "comparison.md", "json": out_dir / "comparison.json",
+             "bars": out_dir / "metrics_bars.png", "heatmaps": out_dir / "R_heatmaps.png"}
+    atomic.write_text(paths["markdown"], header + body)
+    atomic.write_json(paths["json"], [{"label": label, "metrics": m.get("metrics", {}), "R": m["R"],
+                                       "zero_shot": m.get("zero_shot"), "parameters": m.get("parameters"),
+                                       "timings": m.get("timings")} for label, m in zip(labels, metrics_list)])
+
+    keys = ["AP", "BWT", "FWT"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(labels), 3.8))
+    width = 0.8 / len(keys)
+    x = np.arange(len(labels))
+    for k, key in enumerate(keys):
+        values = [m.get("metrics", {}).get(key) for m in metrics_list]
+        ax.bar(x + k * width, [np.nan if v is None else v for v in values], width, label=key)
+    ax.set_xticks(x + width, labels, rotation=20, ha="right")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("points")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic.atomic_path(paths["bars"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(metrics_list), figsize=(3.2 * len(metrics_list), 3.2), squeeze=False)
+    for ax, label, m in zip(axes[0], labels, metrics_list):
+        data = np.array([[np.nan if v is None else v for v in row] for row in m["R"]], dtype=float)
+        ax.imshow(data, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(m["stream"]["tasks"])), m["stream"]["tasks"], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(m["R"])), [f"after {i + 1}" for i in range(len(m["R"]))], fontsize=7)
+    fig.tight_layout()
+    with atomic.atomic_path(paths["heatmaps"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return paths

@@ -94,16 +94,38 @@ def demo(method: str = typer.Option("seq_lora", help="Method to run."),
 @app.command()
 def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list of runs)."),
           only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these labels (repeatable)."),
+          orders: Optional[str] = typer.Option(None, "--orders", help="Task orders to run, e.g. 1,2,3 (mean ± std)."),
           results_md: Path = typer.Option(Path("docs/RESULTS.md"), "--results-md",
                                           help="Table rebuilt from every results file of the suite's folder."),
           ) -> None:
-    """Run a benchmark suite (skipping runs whose results exist) and rebuild the results table."""
-    from evolora.bench import all_result_files, load_suite, run_suite, write_results
+    """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
+    from evolora.bench import all_result_files, compare, load_suite, run_suite, write_results
 
-    run_suite(suite, only, log=_echo)
+    try:
+        order_list = [int(x) for x in orders.split(",")] if orders else None
+    except ValueError:
+        raise EvoloraError(f"--orders: expected comma-separated integers, got {orders!r}") from None
+    done = run_suite(suite, only, log=_echo, orders=order_list)
     spec = load_suite(suite)
-    files = all_result_files(suite.parent / spec.results)
+    files = all_result_files(suite.parent / spec.results, suite)
     _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")
+    if done:
+        import json
+
+        plots = compare([json.loads(p.read_text()) for p in done], suite.parent / spec.results / spec.name)
+        _echo(f"comparison: {plots['markdown']}, {plots['bars']}, {plots['heatmaps']}")
+
+
+@app.command("compare")
+def compare_(run_dirs: List[Path] = typer.Argument(..., help="Finished run folders."),
+             out: Path = typer.Option(Path("comparison"), "--out", help="Folder for the table and plots.")) -> None:
+    """Side-by-side table (Markdown + JSON) and plots of finished runs."""
+    from evolora.bench import compare
+    from evolora.report import read_metrics
+
+    paths = compare([read_metrics(d) for d in run_dirs], out)
+    _echo(paths["markdown"].read_text())
+    _echo(f"plots: {paths['bars']}, {paths['heatmaps']}")
 
 
 def main() -> None:

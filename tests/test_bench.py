@@ -1,0 +1,45 @@
+"""`evolora bench` on two tiny tasks: runs, skips finished runs, writes the table and plots; `compare`."""
+
+import json
+
+import yaml
+
+from evolora.bench import all_result_files, compare, results_markdown, run_suite, write_results
+
+
+def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
+    base = tiny_config(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    suite = {"name": "tiny", "base": "base.yaml", "results": "results", "runs_dir": str(tmp_path / "runs"),
+             "runs": [{"method": "seq_lora"}, {"method": "replay", "label": "replay small", "set": ["method.options.per_task=2"]}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    logs = []
+    done = run_suite(tmp_path / "suite.yaml", log=logs.append)
+    assert [p.name for p in done] == ["seq_lora.json", "replay_small.json"]
+    again = []
+    run_suite(tmp_path / "suite.yaml", log=again.append)
+    assert sum("(skipped)" in line for line in again) == 2
+
+    table = write_results(all_result_files(tmp_path / "results", tmp_path / "suite.yaml"), tmp_path / "RESULTS.md").read_text()
+    lines = [x for x in table.splitlines() if x.startswith("|")]
+    assert lines[0] == "| method | AP | Avg | BWT | FWT | drift | locator | params/task | minutes |"
+    assert lines[2].startswith("| seq_lora | ") and lines[3].startswith("| replay small | ")
+    metrics = json.loads(done[0].read_text())
+    assert f"| {metrics['metrics']['AP']:.1f} |" in lines[2]
+
+    paths = compare([json.loads(p.read_text()) for p in done], tmp_path / "cmp")
+    for path in paths.values():
+        assert path.is_file() and path.stat().st_size > 0
+
+
+def test_orders_are_aggregated_as_mean_and_std(tmp_path):
+    runs = []
+    for order, ap in ((1, 50.0), (2, 60.0)):
+        m = {"method": "seq_lora", "name": "x", "metrics": {"AP": ap, "BWT": -2.0}, "R": [[ap]],
+             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
+             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": "seq_lora"}}
+        path = tmp_path / f"seq_lora-order{order}.json"
+        path.write_text(json.dumps(m))
+        runs.append(path)
+    table = results_markdown(runs)
+    assert "| seq_lora (2 orders) | 55.0 ± 7.1 |" in table
