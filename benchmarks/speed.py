@@ -1,0 +1,130 @@
+"""Speed of each method relative to a plain PEFT LoRA step of the same rank, measured in one process
+(absolute seconds on a shared machine mean little; ratios do), plus the cost of label scoring for a
+14-label task relative to a 1-label task, and the process's peak memory.
+
+    python benchmarks/speed.py [--models tiny-llama smollm2-135m] [--methods seq_lora replay ...] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from evolora.config import build_config
+from evolora.data.batching import collate_train
+from evolora.data.tasks import Example, Task
+from evolora.engine import StepLog, build_context, train_stage
+from evolora.evaluation import score_candidates
+from evolora.methods.base import LoraOptions
+from evolora.methods.seq_lora import add_lora
+
+METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora"]
+DBPEDIA_LABELS = ["Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean of Transportation",
+                  "Building", "Natural Place", "Village", "Animal", "Plant", "Album", "Film", "Written Work"]
+TEXT = ("The museum opened a new wing last spring, with rooms on river trade, old maps and the ships that carried "
+        "grain and timber along the coast for two centuries before the railway came. ") * 4
+
+
+def synthetic_task(name: str, n: int) -> Task:
+    examples = [Example(f"{i}: {TEXT}", "Company") for i in range(n)]
+    return Task(name, "What is the topic of the following paragraph? Choose one from the option.\n",
+                DBPEDIA_LABELS, examples, examples[:16])
+
+
+def config(model: str, method: str, batch: int):
+    return build_config({
+        "model": {"name": model, "dtype": "fp32" if model == "tiny-llama" else "bf16"},
+        "data": {"stream": "demo", "max_input_tokens": 192},
+        "method": {"name": method},
+        "train": {"batch_size": batch, "lr": 1e-4, "checkpoint_every": 0},
+        "eval": {"batch_size": 16},
+    })
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
+    """A plain PEFT script's step: full logits, HF's own loss, AdamW."""
+    ctx, _ = build_context(config(model_name, "seq_ft", batch), None)
+    model = add_lora(ctx.model, LoraOptions())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    task = synthetic_task("t", batch * steps)
+    items = [ctx.prompts.encode_train(task, ex, 0) for ex in task.train]
+    times, tokens = [], 0
+    dtype = next(model.parameters()).dtype
+    for step in range(steps):
+        batch_items = items[step * batch:(step + 1) * batch]
+        b = collate_train(batch_items, ctx.tokenizer.pad_token_id)
+        labels = b.input_ids.clone()
+        labels[:, : b.input_ids.shape[1] - b.labels.shape[1]] = -100
+        labels[:, -b.labels.shape[1]:] = b.labels
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step:  # the first step warms up kernels
+            times.append(time.perf_counter() - start)
+            tokens += b.n_tokens
+    return tokens / sum(times)
+
+
+def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: int) -> float:
+    """The engine's step for the method in its second stage (where penalties and replay apply)."""
+    ctx, method = build_context(config(model_name, method_name, batch), None)
+    ctx.tasks = [synthetic_task("a", batch * 2), synthetic_task("b", batch * steps)]
+    ctx.stages = method.stages(2)
+    if len(ctx.stages) == 1:  # joint methods: one stage with everything
+        method.grow(0, ctx)
+        return train_stage(ctx, method, 0, ctx.encode_train(1), StepLog(None, False), 0)["tokens_per_s"]
+    method.grow(0, ctx)
+    method.before_task(0, ctx)
+    train_stage(ctx, method, 0, method.training_examples(0, ctx.encode_train(0), ctx), StepLog(None, False), 0)
+    method.after_task(0, ctx)
+    method.grow(1, ctx)
+    method.before_task(1, ctx)
+    examples = method.training_examples(1, ctx.encode_train(1), ctx)
+    return train_stage(ctx, method, 1, examples, StepLog(None, False), 0)["tokens_per_s"]
+
+
+def scoring_ratio(model_name: str) -> float:
+    ctx, _ = build_context(config(model_name, "seq_lora", 8), None)
+    task = synthetic_task("t", 32)
+    prompts = [ctx.prompts.encode_prompt(task, ex, 0).input_ids for ex in task.train]
+    many = [ctx.prompts.answer_ids(label) for label in DBPEDIA_LABELS]
+    times = {}
+    with ctx.accelerator.autocast():
+        for name, candidates in (("one", many[:1]), ("fourteen", many), ("one", many[:1]), ("fourteen", many)):
+            start = time.perf_counter()
+            score_candidates(ctx.model, prompts, candidates, ctx.tokenizer.pad_token_id, ctx.device, 16)
+            times[name] = time.perf_counter() - start  # second pass of each kept (warm)
+    return times["fourteen"] / times["one"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for model_name in args.models:
+        print(f"\n== {model_name} (threads {torch.get_num_threads()}) ==")
+        reference = plain_peft_tokens_per_s(model_name, args.batch, args.steps)
+        print(f"plain PEFT LoRA step: {reference:.0f} tokens/s (reference = 1.00)")
+        print(f"{'method':>16}  tokens/s  step time / PEFT step  peak RSS MB")
+        for method_name in args.methods:
+            tps = method_tokens_per_s(model_name, method_name, args.batch, args.steps)
+            print(f"{method_name:>16}  {tps:8.0f}  {reference / tps:21.2f}  {peak_mb():11.0f}")
+        print(f"label scoring, 14-label task / 1-label task: {scoring_ratio(model_name):.2f}x the time")
+
+
+if __name__ == "__main__":
+    main()
