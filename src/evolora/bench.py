@@ -8,17 +8,15 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evolora import atomic
 from evolora.config import build_config, load_yaml
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError
 
 
 class SuiteRun(BaseModel):

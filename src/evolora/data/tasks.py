@@ -41,7 +41,7 @@ def select_per_label(task: Task, train_per_label: int | None, test_per_label: in
     """Stratified, seeded subsampling. The dev split is carved out of train, never out of test."""
     rng = random.Random(f"{seed}:{task.name}")
     train, dev = [], list(task.dev)
-    for label, group in sorted(_group_by_label(task.train).items()):
+    for _label, group in sorted(_group_by_label(task.train).items()):
         group = list(group)
         rng.shuffle(group)
         if dev_per_label:
@@ -49,7 +49,7 @@ def select_per_label(task: Task, train_per_label: int | None, test_per_label: in
             group = group[dev_per_label:]
         train.extend(group if train_per_label is None else group[:train_per_label])
     test = []
-    for label, group in sorted(_group_by_label(task.test).items()):
+    for _label, group in sorted(_group_by_label(task.test).items()):
         group = list(group)
         rng.shuffle(group)
         test.extend(group if test_per_label is None else group[:test_per_label])

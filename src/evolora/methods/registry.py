@@ -32,7 +32,7 @@ def build_options(cls, options: dict, source: str = "config"):
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
     for key in options:
         if key not in fields:
-            raise ConfigError(f"{source}: method.options.{key}: unknown option for {cls.name} "
+            raise ConfigError(f"{source}: method.options.{key!s}: unknown option for {cls.name} "
                               f"(options: {', '.join(fields)})")
     from pydantic import TypeAdapter, ValidationError
 
