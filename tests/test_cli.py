@@ -26,6 +26,10 @@ def test_run_eval_report(tmp_path, tiny_config):
     assert len(metrics["R"]) == 2 and all(v is not None for row in metrics["R"] for v in row)
     assert set(metrics["metrics"]) >= {"AP", "Avg", "BWT", "FWT", "forgetting"}
     assert metrics["parameters"]["added"] > 0
+    assert metrics["parameters"]["added"] == metrics["parameters"]["trainable"]  # the adapter, not the base
+    from safetensors.torch import load_file
+
+    assert all("lora_" in key for key in load_file(run_dir / "checkpoints" / "stage-02.safetensors"))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 2
     for name in ("report.html", "plots/R_heatmap.png", "plots/accuracy_over_time.png", "steps.jsonl",

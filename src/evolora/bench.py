@@ -83,7 +83,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
         run_dir = Path(suite.runs_dir) / suite.name / target.stem
         overrides = [f"method.name={entry.method}", f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
-        config = build_config(base, overrides, source=f"{suite_path} [{entry.name}]")
+        config = build_config(_base_for(base, entry.method), overrides, source=f"{suite_path} [{entry.name}]")
         log(f"[{entry.name}] running into {run_dir}")
         metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"))
         metrics["bench"] = {"suite": suite.name, "label": entry.name, "overrides": overrides,
@@ -92,6 +92,22 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
         atomic.write_json(target, metrics)
         done.append(target)
     return done
+
+
+def _base_for(base: dict, method: str) -> dict:
+    """The base config for another method keeps only the method options that method has (a LoRA rank
+    means nothing to full fine-tuning)."""
+    import dataclasses
+
+    from evolora.methods import method_class
+
+    section = dict(base.get("method") or {})
+    if section.get("name", method) == method:
+        return base
+    options_type = method_class(method).Options
+    known = {f.name for f in dataclasses.fields(options_type)} if options_type else set()
+    section["options"] = {k: v for k, v in (section.get("options") or {}).items() if k in known}
+    return {**base, "method": section}
 
 
 def machine_description() -> str:

@@ -112,7 +112,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     if done:
         import json
 
-        plots = compare([json.loads(p.read_text()) for p in done], suite.parent / spec.results / spec.name)
+        plots = compare([json.loads(p.read_text()) for p in done], suite.parent / spec.results / spec.name / "comparison")
         _echo(f"comparison: {plots['markdown']}, {plots['bars']}, {plots['heatmaps']}")
 
 

@@ -81,7 +81,7 @@ def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
     tasks = build_stream(config.data)
     model, tokenizer, device = load_model(config.model)
     method = build_method(config.method)
-    method.base_parameter_names = {name for name, _ in model.named_parameters()}
+    method.base_parameter_ids = {id(p) for p in model.parameters()}
     accelerator = make_accelerator(config, model, device)
     prompts = PromptBuilder(tokenizer, config.data.max_input_tokens, config.model.chat_template)
     ctx = RunContext(config, model, tokenizer, prompts, tasks, device, accelerator, run_dir, log=log)
@@ -95,8 +95,8 @@ def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
 
 def count_parameters(model: torch.nn.Module, method: Method) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    added = sum(p.numel() for n, p in model.named_parameters() if n not in method.base_parameter_names)
-    base = sum(p.numel() for n, p in model.named_parameters() if n in method.base_parameter_names)
+    added = sum(p.numel() for p in model.parameters() if id(p) not in method.base_parameter_ids)
+    base = sum(p.numel() for p in model.parameters() if id(p) in method.base_parameter_ids)
     return {"trainable": trainable, "added": added, "base": base}
 
 

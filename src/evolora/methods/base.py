@@ -38,7 +38,8 @@ class Method:
 
     def __init__(self, options=None):
         self.options = options if options is not None else (self.Options() if self.Options else None)
-        self.base_parameter_names: set[str] = set()
+        self.base_parameter_ids: set[int] = set()
+        """id() of the base model's parameters; wrappers such as PEFT rename them but keep the objects."""
 
     # --- structure -------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, ctx: "RunContext") -> torch.nn.Module:
@@ -78,7 +79,7 @@ class Method:
         """The tensors that define what this method learned: everything not in the base model, plus base
         parameters that are trained."""
         return {name: p.detach() for name, p in model.named_parameters()
-                if name not in self.base_parameter_names or p.requires_grad}
+                if id(p) not in self.base_parameter_ids or p.requires_grad}
 
     def load_checkpoint_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         own = dict(model.named_parameters())
