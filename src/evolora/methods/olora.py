@@ -10,7 +10,7 @@ import torch
 
 from evolora.methods.base import LoraOptions, Method
 from evolora.methods.registry import register
-from evolora.methods.seq_lora import activate_adapters, add_lora, lora_config, task_adapter
+from evolora.methods.seq_lora import activate_adapters, add_lora, ensure_task_adapter, task_adapter
 
 
 @dataclass
@@ -41,9 +41,7 @@ class OLoRA(Method):
         return self.model
 
     def grow(self, stage, ctx):
-        name = task_adapter(stage)
-        if name not in self.model.peft_config:
-            self.model.add_adapter(name, lora_config(self.options))
+        name = ensure_task_adapter(self.model, self.options, stage)
         activate_adapters(self.model, [task_adapter(i) for i in range(stage + 1)], trainable=name)
         old_names = [task_adapter(i) for i in range(stage)]
         self.pairs, self.new_params = [], [p for p in self.model.parameters() if p.requires_grad]

@@ -8,7 +8,7 @@ import contextlib
 from evolora.errors import EvoloraError
 from evolora.methods.base import LoraOptions, Method
 from evolora.methods.registry import register
-from evolora.methods.seq_lora import activate_adapters, add_lora, lora_config, task_adapter
+from evolora.methods.seq_lora import activate_adapters, add_lora, ensure_task_adapter, task_adapter
 
 
 @register
@@ -21,9 +21,7 @@ class PerTaskLoRA(Method):
         return self.model
 
     def grow(self, stage, ctx):
-        name = task_adapter(stage)
-        if name not in self.model.peft_config:
-            self.model.add_adapter(name, lora_config(self.options))
+        name = ensure_task_adapter(self.model, self.options, stage)
         activate_adapters(self.model, [name], trainable=name)
 
     @contextlib.contextmanager

@@ -22,6 +22,14 @@ def task_adapter(task_index: int) -> str:
     return f"task_{task_index}"
 
 
+def ensure_task_adapter(model, options: LoraOptions, task_index: int) -> str:
+    """Adds the task's own LoRA adapter if the model does not have it yet; returns its name."""
+    name = task_adapter(task_index)
+    if name not in model.peft_config:
+        model.add_adapter(name, lora_config(options))
+    return name
+
+
 def activate_adapters(model, active: list[str], trainable: str | None) -> None:
     """Makes `active` the summed set of adapters; only `trainable`'s weights get gradients."""
     model.base_model.set_adapter(active if len(active) > 1 else active[0])
