@@ -113,6 +113,11 @@ class EvalConfig(_Strict):
     future_tasks: Literal["all", "next", "none"] = "all"
     """Which not-yet-trained tasks to evaluate after each task: `next` is enough for FWT."""
     zero_shot: bool = True
+    general_text: Optional[str] = None
+    """JSONL of held-out general text (a `text` field per line): its perplexity is measured on the base model
+    and after every stage, and reported as drift % (general-ability retention)."""
+    general_texts: int = Field(default=200, ge=1)
+    general_max_tokens: int = Field(default=256, ge=8)
 
 
 class OutputConfig(_Strict):

@@ -42,6 +42,8 @@ class RunContext:
     run_dir: Optional[Path]
     stages: list[list[int]] = field(default_factory=list)
     log: Callable[[str], None] = print
+    general_sequences: Optional[list[list[int]]] = None
+    """Token ids of the held-out general text, read on first use."""
 
     def encode_train(self, task_index: int) -> list[Encoded]:
         task = self.tasks[task_index]
@@ -271,7 +273,8 @@ def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
     probe_hash = hashlib.sha256(json.dumps([probe, [len(t.test) for t in ctx.tasks]]).encode()).hexdigest()
     key_source = json.dumps({"model": ctx.config.model.model_dump(), "data": ctx.config.data.model_dump(),
                              "probe": probe_hash,
-                             "eval": ctx.config.eval.model_dump(exclude={"future_tasks", "zero_shot"}),
+                             "eval": ctx.config.eval.model_dump(exclude={"future_tasks", "zero_shot", "general_text",
+                                                                         "general_texts", "general_max_tokens"}),
                              "autocast": autocast_dtype(ctx.config, ctx.model), "version": __version__},
                             sort_keys=True)
     path = cache_dir() / "zero_shot" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:20]}.json"
@@ -315,6 +318,32 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int]) -> tu
     for j in task_indices:
         row[j] = 100.0 * counts[j, 0].item() / counts[j, 1].item()
     return row, predictions
+
+
+def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[float]:
+    """Perplexity of the held-out general text (eval.general_text), or None when none is configured. The
+    method routes as for `route_task` (general text has no task: the latest task's route is used)."""
+    cfg = ctx.config.eval
+    if not cfg.general_text:
+        return None
+    if ctx.general_sequences is None:
+        from evolora.data.general import encode_texts, read_texts
+
+        texts = read_texts(cfg.general_text, cfg.general_texts)
+        ctx.general_sequences = encode_texts(ctx.tokenizer, texts, cfg.general_max_tokens)
+    from evolora.evaluation import perplexity
+
+    accelerator = ctx.accelerator
+    ctx.model.eval()
+    with accelerator.autocast(), method.route(route_task):
+        result = perplexity(ctx.model, ctx.general_sequences, ctx.tokenizer.pad_token_id, ctx.device,
+                            batch_size=max(1, cfg.batch_size // 2),
+                            shard=(accelerator.process_index, accelerator.num_processes))
+    if accelerator.num_processes > 1:
+        totals = torch.tensor([result.nll_sum, float(result.tokens)], dtype=torch.float64)
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
+    return result.value
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -409,6 +438,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     started = time.perf_counter()
     timings: dict[str, Any] = dict(progress.get("timings", {}))
     zero_shot = progress.get("zero_shot")
+    general_ppl: list[float] = list(progress.get("general_ppl", []))
 
     def evaluate_zero_shot(ctx: RunContext) -> None:
         nonlocal zero_shot
@@ -421,6 +451,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             timings["zero_shot_eval_s"] = time.perf_counter() - t0
         if zero_shot is not None:
             log("zero-shot: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, zero_shot)))
+        if config.eval.general_text and not general_ppl:
+            general_ppl.append(general_perplexity(ctx, Method(), None))
+        if general_ppl:
+            log(f"general-text perplexity of the base model: {general_ppl[0]:.2f}")
 
     ctx, method = build_context(config, run_dir, log, before_setup=evaluate_zero_shot)
     names = [t.name for t in ctx.tasks]
@@ -444,9 +478,11 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
 
     def save_progress(complete: bool) -> dict:
         timings["total_s"] = previous_s + time.perf_counter() - started
-        record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete)
+        record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
+                                 general_ppl)
         if is_main:
-            write_progress(run_dir, {"zero_shot": zero_shot, "R": R, "stages": stage_records,
+            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "R": R,
+                                     "stages": stage_records,
                                      "checkpoints": checksums, "global_step": global_step, "timings": timings})
             guarded_write(run_dir / "metrics.json", lambda: atomic.write_json(run_dir / "metrics.json", record))
         return record
@@ -471,7 +507,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         t0 = time.perf_counter()
         policy = config.eval.future_tasks if continual else "all"
         row, _ = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)))
+        ppl = general_perplexity(ctx, method, max(task_indices))
         eval_s = time.perf_counter() - t0
+        if ppl is not None:
+            general_ppl.append(ppl)
         R.append(row)
         stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s})
         save_progress(complete=False)
@@ -481,7 +520,8 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         log(f"stage {stage + 1}/{len(ctx.stages)} [{', '.join(names[i] for i in task_indices)}]: "
             f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
             f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
-            + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None))
+            + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None)
+            + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else ""))
     step_log.close()
     record = save_progress(complete=True)
     if is_main:
@@ -506,11 +546,15 @@ def _trim_step_log(path: Path, completed: int, step_state: Optional[dict]) -> No
     atomic.write_text(path, "".join(x + "\n" for x in keep))
 
 
-def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete: bool) -> dict:
+def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete: bool,
+                    general_ppl: list[float]) -> dict:
     params = count_parameters(ctx.model, method)
     n_tasks = len(names)
     continual = all(len(s) == 1 for s in ctx.stages)
     summary = compute_metrics(R, zero_shot, continual) if complete else {}
+    drift = [100.0 * (p / general_ppl[0] - 1.0) for p in general_ppl[1:]] if general_ppl else []
+    if complete and drift:
+        summary["drift_pct"] = drift[-1]
     forgetting = summary.get("forgetting_per_task") or [None] * n_tasks
     return {
         "name": config.name,
@@ -527,6 +571,8 @@ def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, tim
                    "forgetting": forgetting[j] if j < n_tasks - 1 and j < len(forgetting) else None}
             for j, name in enumerate(names)
         },
+        "general": {"text": config.eval.general_text, "perplexity": general_ppl,
+                    "drift_pct_per_stage": drift} if general_ppl else None,
         "parameters": {**params, "added_per_task": params["added"] / n_tasks if n_tasks else 0},
         "stages": stage_records,
         "timings": {**timings, "train_s": sum(s["train"]["seconds"] for s in stage_records),

@@ -110,3 +110,43 @@ def evaluate_task(model, task: Task, task_index: int, prompts: PromptBuilder, de
         predictions = [prompts.decode_answer(a) for a in answers]
     correct = sum(p == ex.output.strip() for p, ex in zip(predictions, examples))
     return TaskResult(correct, len(examples), predictions)
+
+
+@dataclass
+class Perplexity:
+    nll_sum: float
+    tokens: int
+
+    @property
+    def value(self) -> float:
+        import math
+
+        return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+
+@torch.no_grad()
+def perplexity(model, sequences: list[list[int]], pad_id: int, device: torch.device, batch_size: int = 8,
+               shard: tuple[int, int] = (0, 1)) -> Perplexity:
+    """Token-level perplexity of the model on whole sequences (every token after the first is predicted).
+    Returns the summed NLL and token count so shards can be added before exp()."""
+    import torch.nn.functional as F
+
+    rank, world = shard
+    mine = sequences[rank::world]
+    order = sorted(range(len(mine)), key=lambda i: len(mine[i]))
+    nll, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        seqs = [mine[i] for i in order[start:start + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum").item()
+        count += int(mask[:, 1:].sum())
+    return Perplexity(nll, count)

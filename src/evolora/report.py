@@ -94,7 +94,7 @@ def matrix_text(metrics: dict) -> str:
 
 def summary_text(metrics: dict) -> str:
     m = metrics["metrics"]
-    parts = [f"{k} {_fmt(m.get(k))}" for k in ("AP", "Avg", "BWT", "FWT", "forgetting") if m.get(k) is not None]
+    parts = [f"{k} {_fmt(m.get(k))}" for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "drift_pct") if m.get(k) is not None]
     return "  ".join(parts)
 
 
@@ -112,7 +112,14 @@ def write_report(run_dir: Path) -> Path:
 
     m = metrics["metrics"]
     rows = "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k), 2)}</td></tr>"
-                   for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "zero_shot_mean") if k in m)
+                   for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "zero_shot_mean", "drift_pct") if k in m)
+    general = metrics.get("general")
+    general_html = ""
+    if general:
+        steps = " → ".join(f"{p:.2f}" for p in general["perplexity"])
+        general_html = (f"<h2>General ability</h2><p>held-out perplexity of {html.escape(str(general['text']))}: base → "
+                        f"after each stage: {steps}; drift after the last stage "
+                        f"{_fmt((general['drift_pct_per_stage'] or [None])[-1])} %</p>")
     per_task = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{_fmt(v['zero_shot'])}</td><td>{_fmt(v['final'])}</td>"
         f"<td>{_fmt(v['forgetting'])}</td></tr>" for name, v in metrics["per_task"].items())
@@ -135,6 +142,7 @@ stream <b>{html.escape(metrics['stream']['name'])}</b> (order {metrics['stream']
 <h2>Metrics (points, 0-100)</h2><table><tr><th>metric</th><th>value</th></tr>{rows}</table>
 <h2>Accuracy matrix R</h2>{img(heatmap)}<pre>{html.escape(matrix_text(metrics))}</pre>
 <h2>Accuracy over the stream</h2>{img(over_time)}
+{general_html}
 <h2>Per task</h2><table><tr><th>task</th><th>zero-shot</th><th>final</th><th>forgetting</th></tr>{per_task}</table>
 <h2>Training</h2><table><tr><th>stage</th><th>tasks</th><th>steps</th><th>final loss</th><th>tokens/s</th>
 <th>train s</th><th>eval s</th></tr>{stages}</table>

@@ -1,0 +1,56 @@
+"""General-ability measurement: held-out perplexity on the base model and after every stage."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from evolora.config import build_config
+from evolora.data.general import read_texts
+from evolora.engine import run
+from evolora.errors import DataError
+from evolora.evaluation import perplexity
+from evolora.models import load_model
+from evolora.config import ModelConfig
+
+
+def write_texts(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def test_read_texts_limit_and_errors(tmp_path):
+    path = write_texts(tmp_path / "g.jsonl", ["one two", "  ", "three four", "five"])
+    assert read_texts(path) == ["one two", "three four", "five"]
+    assert read_texts(path, limit=2) == ["one two", "three four"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"title": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing key 'text'"):
+        read_texts(bad)
+    with pytest.raises(DataError, match="not found"):
+        read_texts(tmp_path / "missing.jsonl")
+
+
+def test_perplexity_matches_direct_computation_and_ignores_padding():
+    model, tokenizer, device = load_model(ModelConfig(name="tiny-llama", dtype="fp32"))
+    seqs = [[5, 9, 13, 20, 7], [8, 3], [11, 12, 13]]
+    got = perplexity(model, seqs, tokenizer.pad_token_id, device, batch_size=3)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in seqs:  # one unpadded sequence at a time
+            logits = model(input_ids=torch.tensor([s])).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="sum").item()
+            n += len(s) - 1
+    assert got.tokens == n
+    assert got.value == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_run_reports_general_drift(tmp_path, tiny_config):
+    texts = write_texts(tmp_path / "heldout.jsonl", [f"text number {i} about things and more things" for i in range(6)])
+    raw = tiny_config(tmp_path, "seq_ft", eval={"general_text": str(texts), "general_texts": 4})
+    record = run(build_config(raw))
+    ppl = record["general"]["perplexity"]
+    assert len(ppl) == 1 + len(record["R"]) and all(p > 1 for p in ppl)
+    assert record["metrics"]["drift_pct"] == pytest.approx(100 * (ppl[-1] / ppl[0] - 1))
+    assert "General ability" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
