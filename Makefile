@@ -10,4 +10,4 @@ test: setup
 	.venv/bin/python -m pytest -q tests
 
 bench: setup
-	.venv/bin/python benchmarks/run_benchmarks.py
+	.venv/bin/evolora bench benchmarks/mtl5_cpu_suite.yaml

@@ -22,13 +22,15 @@ from evolora.errors import ConfigError
 class SuiteRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
+    addons: dict[str, Optional[dict]] = Field(default_factory=dict)
+    """Add-ons composed with the method (e.g. `{gere: {loss: tm}}`)."""
     label: Optional[str] = None
-    """Name in the table; default: the method name."""
+    """Name in the table; default: the method name and its add-ons joined with `+`."""
     set: list[str] = Field(default_factory=list)
 
     @property
     def name(self) -> str:
-        return self.label or self.method
+        return self.label or "+".join([self.method, *self.addons])
 
 
 class Suite(BaseModel):
@@ -81,7 +83,8 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
             done.append(target)
             continue
         run_dir = Path(suite.runs_dir) / suite.name / target.stem
-        overrides = [f"method.name={entry.method}", f"name={suite.name}-{target.stem}",
+        overrides = [f"method.name={entry.method}", f"method.addons={json.dumps(entry.addons)}",
+                     f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
         config = build_config(_base_for(base, entry.method), overrides, source=f"{suite_path} [{entry.name}]")
         log(f"[{entry.name}] running into {run_dir}")

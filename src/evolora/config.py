@@ -86,6 +86,8 @@ class MethodConfig(_Strict):
     name: str = "seq_lora"
     options: dict[str, Any] = Field(default_factory=dict)
     """Validated against the method's own options dataclass."""
+    addons: dict[str, Optional[dict[str, Any]]] = Field(default_factory=dict)
+    """Add-ons composed with the method, by name, each with its options: e.g. `{gere: {loss: tm}}`."""
 
 
 class TrainConfig(_Strict):

@@ -207,7 +207,7 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
                                           position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1,
                                           output_hidden_states=method.needs_hidden_states)
                     task_loss = answer_loss(outputs.logits, batch.labels)
-                    terms = method.loss_terms(StepInputs(batch, outputs, task_loss, stage), ctx)
+                    terms = method.loss_terms(StepInputs(batch, outputs, task_loss, stage, train_model), ctx)
                     loss = task_loss + sum(terms.values()) if terms else task_loss
                 if not torch.isfinite(loss):
                     raise EvoloraError(f"loss is {loss.item()} at stage {stage + 1} ({names}), step {step}: stopped; "

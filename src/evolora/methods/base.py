@@ -28,6 +28,8 @@ class StepInputs:
     """the model's output (with hidden states when any hook asked for them)"""
     task_loss: torch.Tensor
     stage: int
+    model: Any = None
+    """the model being trained (wrapped for distributed training): for hooks that run extra forwards"""
 
 
 class Method:

@@ -5,6 +5,7 @@ import dataclasses
 from evolora.errors import ConfigError
 
 METHODS: dict[str, type] = {}
+ADDONS: dict[str, type] = {}
 
 
 def register(cls):
@@ -12,8 +13,13 @@ def register(cls):
     return cls
 
 
+def register_addon(cls):
+    ADDONS[cls.name] = cls
+    return cls
+
+
 def _load_all() -> None:
-    from evolora.methods import (ewc, lwf, multitask, olora, per_task_lora, replay,  # noqa: F401 (registers)
+    from evolora.methods import (ewc, gere, lwf, multitask, olora, per_task_lora, replay,  # noqa: F401
                                  seq_ft, seq_lora)
 
 
@@ -24,15 +30,17 @@ def method_class(name: str, source: str = "config"):
     return METHODS[name]
 
 
-def build_options(cls, options: dict, source: str = "config"):
+def build_options(cls, options: dict, source: str = "config", section: str = "method.options"):
     if cls.Options is None:
         if options:
-            raise ConfigError(f"{source}: method.options: {cls.name} takes no options")
+            raise ConfigError(f"{source}: {section}: {cls.name} takes no options")
         return None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping of options, got {options!r}")
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
     for key in options:
         if key not in fields:
-            raise ConfigError(f"{source}: method.options.{key!s}: unknown option for {cls.name} "
+            raise ConfigError(f"{source}: {section}.{key!s}: unknown option for {cls.name} "
                               f"(options: {', '.join(fields)})")
     from pydantic import TypeAdapter, ValidationError
 
@@ -41,10 +49,21 @@ def build_options(cls, options: dict, source: str = "config"):
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        where = f"method.options.{loc}" if loc else "method.options"
+        where = f"{section}.{loc}" if loc else section
         raise ConfigError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def build_method(method_config, source: str = "config"):
     cls = method_class(method_config.name, source)
-    return cls(build_options(cls, method_config.options, source))
+    method = cls(build_options(cls, method_config.options, source))
+    if not method_config.addons:
+        return method
+    from evolora.methods.addons import WithAddOns
+
+    addons = []
+    for name, options in method_config.addons.items():
+        if name not in ADDONS:
+            raise ConfigError(f"{source}: method.addons.{name}: unknown add-on (known: {', '.join(sorted(ADDONS))})")
+        addon_cls = ADDONS[name]
+        addons.append(addon_cls(build_options(addon_cls, options or {}, source, f"method.addons.{name}")))
+    return WithAddOns(method, addons)

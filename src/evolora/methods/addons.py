@@ -1,0 +1,111 @@
+"""Add-ons: hooks that compose with any method (e.g. GeRe's general replay on seq_ft, seq_lora or moe_cl).
+`WithAddOns` is itself a Method: the engine sees one set of hooks. Add-ons run after the method in every
+hook, except `setup`, where they see the bare base model first (to take reference measurements on it)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+
+from evolora.methods.base import Method, StepInputs
+
+
+class AddOn:
+    name: ClassVar[str] = "addon"
+    Options: ClassVar[type] = None
+    needs_hidden_states: ClassVar[bool] = False
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else (self.Options() if self.Options else None)
+
+    def setup(self, base_model: torch.nn.Module, ctx) -> None:
+        """Sees the bare base model before the method wraps it."""
+
+    def before_task(self, stage: int, ctx) -> None: ...
+
+    def training_examples(self, stage: int, examples: list, ctx) -> list:
+        return examples
+
+    def loss_terms(self, step: StepInputs, ctx) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_task(self, stage: int, ctx) -> None: ...
+
+    def extra_metrics(self) -> dict[str, Any]:
+        return {}
+
+
+class WithAddOns(Method):
+    """A method with add-ons; its name is `method+addon+...`, as in the results table."""
+
+    def __init__(self, method: Method, addons: list[AddOn]):
+        super().__init__(method.options)
+        self.method, self.addons = method, addons
+        self.name = "+".join([method.name, *(a.name for a in addons)])
+        self.needs_hidden_states = method.needs_hidden_states or any(a.needs_hidden_states for a in addons)
+
+    @property
+    def base_parameter_ids(self):
+        return self.method.base_parameter_ids
+
+    @base_parameter_ids.setter
+    def base_parameter_ids(self, ids):
+        if hasattr(self, "method"):
+            self.method.base_parameter_ids = ids
+
+    def setup(self, model, ctx):
+        for addon in self.addons:
+            addon.setup(model, ctx)
+        return self.method.setup(model, ctx)
+
+    def stages(self, num_tasks):
+        return self.method.stages(num_tasks)
+
+    def grow(self, stage, ctx):
+        self.method.grow(stage, ctx)
+
+    def before_task(self, stage, ctx):
+        self.method.before_task(stage, ctx)
+        for addon in self.addons:
+            addon.before_task(stage, ctx)
+
+    def training_examples(self, stage, examples, ctx):
+        examples = self.method.training_examples(stage, examples, ctx)
+        for addon in self.addons:
+            examples = addon.training_examples(stage, examples, ctx)
+        return examples
+
+    def loss_terms(self, step, ctx):
+        terms = dict(self.method.loss_terms(step, ctx))
+        for addon in self.addons:
+            terms.update(addon.loss_terms(step, ctx))
+        return terms
+
+    def after_task(self, stage, ctx):
+        self.method.after_task(stage, ctx)
+        for addon in self.addons:
+            addon.after_task(stage, ctx)
+
+    @contextlib.contextmanager
+    def route(self, task_index):
+        with self.method.route(task_index):
+            yield
+
+    def checkpoint_state(self, model):
+        return self.method.checkpoint_state(model)
+
+    def load_checkpoint_state(self, model, state):
+        self.method.load_checkpoint_state(model, state)
+
+    def extra_metrics(self):
+        out = dict(self.method.extra_metrics())
+        for addon in self.addons:
+            out.update(addon.extra_metrics())
+        return out
+
+    def __getattr__(self, item):  # anything else a caller asks of the method (e.g. a locator)
+        if item == "method":
+            raise AttributeError(item)
+        return getattr(self.method, item)
