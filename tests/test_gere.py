@@ -113,3 +113,13 @@ def test_bad_addon_config_is_one_line(tmp_path, tiny_config):
         build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"nope": {}}}))
     with pytest.raises(ConfigError, match=r"method.addons.gere.loss"):
         build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"gere": {"loss": "mse"}}}))
+
+
+def test_gere_on_moe_cl_runs(tmp_path, tiny_config):
+    texts = general_file(tmp_path)
+    raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 2},
+                                                  "addons": {"gere": {"texts": str(texts), "max_tokens": 24}}})
+    record = run(build_config(raw))
+    assert record["method"] == "moe_cl+gere" and record["complete"]
+    logged = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert all("general_tm" in r and "adversarial" in r for r in logged)

@@ -133,6 +133,8 @@ class StepLog:
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over answer tokens; `logits` are the last K+1 columns' logits."""
     logits = logits[:, :-1].float()
+    if not (labels != IGNORE).any():  # a batch of input-only examples (e.g. an adversarial memory)
+        return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
@@ -203,9 +205,11 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
             sync = (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
                 with accelerator.autocast():
-                    outputs = train_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1,
-                                          output_hidden_states=method.needs_hidden_states)
+                    with method.batch_route(batch.task_ids):
+                        outputs = train_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                              position_ids=batch.position_ids,
+                                              logits_to_keep=batch.labels.shape[1] + 1,
+                                              output_hidden_states=method.needs_hidden_states)
                     task_loss = answer_loss(outputs.logits, batch.labels)
                     terms = method.loss_terms(StepInputs(batch, outputs, task_loss, stage, train_model), ctx)
                     loss = task_loss + sum(terms.values()) if terms else task_loss

@@ -93,6 +93,11 @@ class WithAddOns(Method):
         with self.method.route(task_index):
             yield
 
+    @contextlib.contextmanager
+    def batch_route(self, task_ids):
+        with self.method.batch_route(task_ids):
+            yield
+
     def checkpoint_state(self, model):
         return self.method.checkpoint_state(model)
 

@@ -76,6 +76,11 @@ class Method:
         """Route the model to a task's parameters while inside; None means no task id is known."""
         yield
 
+    @contextlib.contextmanager
+    def batch_route(self, task_ids: torch.Tensor) -> Iterator[None]:
+        """Route each sample of a training batch by its own task id (mixed-task batches)."""
+        yield
+
     # --- checkpointing ---------------------------------------------------------------------------
     def checkpoint_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The tensors that define what this method learned: everything not in the base model, plus base

@@ -1,0 +1,129 @@
+"""LoRA experts inside a frozen transformer, shared by the expert methods (MoE-CL, CMoE).
+
+Each targeted linear becomes an `ExpertLinear`: the frozen base projection plus a growing list of LoRA
+experts (A_e [r, in], B_e [out, r]). The mixing weights of every token over the experts, w [B, T, E], are
+computed once per decoder layer by the method (a gate or router, from the layer's input) and held in the
+layer's `LayerRouting`; every projection of the layer then adds  sum_e w_e * s * B_e A_e x  in two
+batched einsums (no Python loop over tokens, samples or experts)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+class LayerRouting:
+    """What the projections of one decoder layer read during a forward pass."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.weights: Optional[torch.Tensor] = None
+        """[B, T, E] mixing weights over this layer's experts (E may be smaller than the expert count:
+        missing columns are zero)."""
+        self.record: Optional[str] = None
+        """Name of a projection whose expert-0 delta is kept in `recorded` (for a discriminator)."""
+        self.recorded: Optional[torch.Tensor] = None
+
+
+class ExpertLinear(nn.Module):
+    def __init__(self, base: nn.Linear, name: str, routing: LayerRouting, r: int, alpha: float):
+        super().__init__()
+        self.base, self.name, self.routing = base, name, routing
+        self.r, self.scaling = r, alpha / r
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.lora_A)
+
+    def add_expert(self, copy_from: Optional[int] = None) -> int:
+        """A new expert: fresh (A Kaiming-uniform, B zero, so it starts as a no-op) or a copy of another."""
+        device = self.base.weight.device
+        if copy_from is None:
+            a = torch.empty(self.r, self.base.in_features, device=device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b = torch.zeros(self.base.out_features, self.r, device=device)
+        else:
+            a = self.lora_A[copy_from].detach().clone()
+            b = self.lora_B[copy_from].detach().clone()
+        self.lora_A.append(nn.Parameter(a))
+        self.lora_B.append(nn.Parameter(b))
+        return self.num_experts - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        w = self.routing.weights
+        if w is None or self.num_experts == 0:
+            return out
+        n = w.shape[-1]
+        A = torch.stack(list(self.lora_A[:n]))  # [E, r, in]
+        B = torch.stack(list(self.lora_B[:n]))  # [E, out, r]
+        xa = torch.einsum("...i,eri->...er", x, A.to(x.dtype)) * w.unsqueeze(-1).to(x.dtype)
+        delta = torch.einsum("...er,eor->...o", xa, B.to(x.dtype)) * self.scaling
+        if self.routing.record == self.name:
+            shared = torch.einsum("...r,or->...o", xa[..., 0, :], B[0].to(x.dtype)) * self.scaling
+            self.routing.recorded = shared
+        return out + delta.to(out.dtype)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (the first ModuleList whose blocks have an `mlp`)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "mlp"):
+            return module
+    raise ValueError("no decoder layers with an `mlp` found in this model")
+
+
+def _hidden_from_call(args, kwargs) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+class ExpertModel:
+    """Installs ExpertLinears over the targeted projections of every decoder layer and calls
+    `weights_fn(layer_index, normalized_layer_input)` before each layer to fill its routing weights."""
+
+    def __init__(self, model: nn.Module, targets: list[str], r: int, alpha: float,
+                 weights_fn: Callable[[int, torch.Tensor], Optional[torch.Tensor]]):
+        self.layers = decoder_layers(model)
+        self.routing = [LayerRouting(i) for i in range(len(self.layers))]
+        self.linears: list[dict[str, ExpertLinear]] = []
+        self.weights_fn = weights_fn
+        self.hidden_size = model.config.hidden_size
+        for i, layer in enumerate(self.layers):
+            found = {}
+            for name, module in list(layer.named_modules()):
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in targets and isinstance(module, nn.Linear):
+                    parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                    wrapped = ExpertLinear(module, leaf, self.routing[i], r, alpha)
+                    setattr(parent, leaf, wrapped)
+                    found[name] = wrapped
+            self.linears.append(found)
+            layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+
+    def _make_hook(self, index: int):
+        def hook(module, args, kwargs):
+            h = _hidden_from_call(args, kwargs)
+            normed = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
+            self.routing[index].weights = self.weights_fn(index, normed)
+        return hook
+
+    def add_expert(self, layer: int, copy_from: Optional[int] = None) -> int:
+        index = -1
+        for linear in self.linears[layer].values():
+            index = linear.add_expert(copy_from)
+        return index
+
+    def num_experts(self, layer: int) -> int:
+        return next(iter(self.linears[layer].values())).num_experts
+
+    def expert_parameters(self, layer: int, expert: int) -> list[nn.Parameter]:
+        return [p for linear in self.linears[layer].values() for p in (linear.lora_A[expert], linear.lora_B[expert])]
+
+    def clear(self) -> None:
+        for routing in self.routing:
+            routing.weights, routing.recorded = None, None

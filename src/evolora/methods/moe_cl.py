@@ -1,0 +1,253 @@
+"""MoE-CL (arXiv 2509.18133): per-task LoRA experts, a shared LoRA expert, a per-task gate that mixes the
+two per token, and a task-aware discriminator trained adversarially on the shared expert's output.
+
+Expert 0 of every targeted projection is the shared expert; expert 1+t belongs to task t. At task t the
+layer's gate t (a linear map of the layer's input to 2 logits) gives per-token weights (g_shared, g_task).
+Mixing `proj`: every projection adds g_s*B_s A_s x + g_t*B_t A_t x. Mixing `ffn` (the paper's form): the
+FFN runs once with the shared expert's deltas and once with the task expert's (one batched call of twice
+the rows), and the outputs are mixed by the same weights.
+
+Adversarial term: on chosen layers, the masked mean over tokens of the shared expert's output (its delta
+on the last targeted projection in `proj` mode, its FFN output in `ffn` mode) goes through a gradient
+reversal layer into a discriminator over the tasks seen so far; the total loss adds its cross-entropy.
+The discriminator learns to tell tasks apart; the reversed gradient (times lambda) pushes the shared
+expert to make that impossible. A stage holds only its own task's data, so the discriminator would see a
+single class: `memory_per_task` prompts of every earlier task join the stage (with no answer, so no LM
+loss), routed to their own experts, and serve only the adversarial term. 0 = the reference behaviour.
+
+The base model and the experts and gates of finished tasks are frozen; the shared expert and the
+discriminators train throughout. Inference routes by task id (`route(t)`), given by the oracle or by a
+task locator."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evolora.data.prompting import Encoded
+from evolora.methods.base import LoraOptions, Method, check_target_modules
+from evolora.methods.experts import ExpertModel, decoder_layers
+from evolora.methods.registry import register
+
+
+@dataclass
+class MoECLOptions(LoraOptions):
+    mixing: Literal["proj", "ffn"] = "proj"
+    adversarial_weight: float = 0.1
+    """lambda of the gradient reversal; 0 turns the discriminator off."""
+    discriminator_layers: Optional[list[int]] = None
+    """Decoder layers whose shared output the discriminator sees (negative counts from the end); none = all."""
+    discriminator_hidden: int = 64
+    memory_per_task: int = 16
+    """Prompts of each earlier task kept for the adversarial term; 0 = only the current task (reference)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dropout:
+            raise ValueError("dropout is not supported by moe_cl experts (use 0)")
+        if self.adversarial_weight < 0 or self.memory_per_task < 0 or self.discriminator_hidden < 1:
+            raise ValueError("need adversarial_weight >= 0, memory_per_task >= 0, discriminator_hidden >= 1")
+
+
+class GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight: float):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.weight * grad, None
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] averaged over the tokens where mask [B, T] is 1."""
+    mask = mask.to(values.dtype).unsqueeze(-1)
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class MixedFFN(nn.Module):
+    """The paper's mixing: the FFN with the shared expert's deltas and the FFN with the task expert's,
+    outputs mixed per token by the gate. Both run in one call of the wrapped FFN over 2B rows."""
+
+    def __init__(self, mlp: nn.Module, routing):
+        super().__init__()
+        self.mlp, self.routing = mlp, routing
+
+    def forward(self, x):
+        w = self.routing.weights
+        if w is None:
+            return self.mlp(x)
+        g_shared = w[..., :1]
+        task_w = torch.cat([torch.zeros_like(g_shared), w[..., 1:]], dim=-1)
+        g_task = task_w.sum(-1, keepdim=True)
+        shared_only = torch.zeros_like(w)
+        shared_only[..., 0] = 1
+        self.routing.weights = torch.cat([shared_only, task_w / g_task.clamp(min=1e-9)])
+        out = self.mlp(torch.cat([x, x]))
+        self.routing.weights = w
+        out_shared, out_task = out.chunk(2)
+        if self.routing.record == "ffn":
+            self.routing.recorded = out_shared
+        return g_shared.to(out.dtype) * out_shared + g_task.to(out.dtype) * out_task
+
+
+@register
+class MoECL(Method):
+    name = "moe_cl"
+    Options = MoECLOptions
+
+    def setup(self, model, ctx):
+        opts = self.options
+        check_target_modules(model, opts.target_modules)
+        model.requires_grad_(False)
+        self.model = model
+        self.num_tasks = len(ctx.tasks)
+        self.experts = ExpertModel(model, list(opts.target_modules), opts.r, opts.alpha, self._weights)
+        n_layers, hidden = len(self.experts.layers), self.experts.hidden_size
+        for layer in range(n_layers):
+            self.experts.add_expert(layer)  # the shared expert, index 0
+        container = nn.Module()
+        container.gates = nn.ModuleList([nn.ModuleList() for _ in range(n_layers)])
+        chosen = opts.discriminator_layers if opts.discriminator_layers is not None else list(range(n_layers))
+        bad = [i for i in chosen if not -n_layers <= i < n_layers]
+        if bad:
+            from evolora.errors import ConfigError
+
+            raise ConfigError(f"method.options.discriminator_layers: layer {bad[0]} does not exist "
+                              f"(the model has {n_layers})")
+        self.disc_layers = sorted({i % n_layers for i in chosen})
+        if opts.mixing == "ffn":
+            for i, layer in enumerate(decoder_layers(model)):
+                layer.mlp = MixedFFN(layer.mlp, self.experts.routing[i])
+            self.record_name, width = "ffn", hidden
+        else:
+            last = list(self.experts.linears[0].values())[-1]
+            self.record_name, width = last.name, last.base.out_features
+        container.discriminators = nn.ModuleDict({
+            str(i): nn.Sequential(nn.Linear(width, opts.discriminator_hidden), nn.GELU(),
+                                  nn.Linear(opts.discriminator_hidden, self.num_tasks))
+            for i in self.disc_layers} if opts.adversarial_weight > 0 else {})
+        model.add_module("moe_cl", container.to(next(model.parameters()).device))
+        self.container = container
+        self.current = 0
+        self.fixed_task: Optional[int] = None
+        self.sample_tasks: Optional[torch.Tensor] = None
+        self.disc_correct = self.disc_total = 0
+        return model
+
+    # --- structure ------------------------------------------------------------------------------
+    def grow(self, stage, ctx):
+        device = next(self.model.parameters()).device
+        for layer in range(len(self.experts.layers)):
+            while self.experts.num_experts(layer) < stage + 2:
+                self.experts.add_expert(layer)
+            gates = self.container.gates[layer]
+            while len(gates) < stage + 1:
+                gate = nn.Linear(self.experts.hidden_size, 2).to(device)
+                nn.init.zeros_(gate.weight)
+                nn.init.zeros_(gate.bias)
+                gates.append(gate)
+        self.current = stage
+        self._set_trainable(stage)
+
+    def _set_trainable(self, stage: int) -> None:
+        self.model.requires_grad_(False)
+        for layer in range(len(self.experts.layers)):
+            for p in self.experts.expert_parameters(layer, 0) + self.experts.expert_parameters(layer, stage + 1):
+                p.requires_grad_(True)
+            self.container.gates[layer][stage].requires_grad_(True)
+        self.container.discriminators.requires_grad_(True)
+
+    # --- routing --------------------------------------------------------------------------------
+    def _weights(self, layer: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        routing = self.experts.routing[layer]
+        routing.record = self.record_name if (self.model.training and str(layer) in self.container.discriminators) \
+            else None
+        n_experts = self.experts.num_experts(layer)
+        batch, length = x.shape[:2]
+        if self.sample_tasks is not None:
+            tasks = self.sample_tasks.to(x.device)
+        else:
+            task = self.current if self.fixed_task is None else self.fixed_task
+            if task < 0:  # no task known: the shared expert alone
+                weights = torch.zeros(batch, length, n_experts, device=x.device, dtype=x.dtype)
+                weights[..., 0] = 1
+                return weights
+            tasks = torch.full((batch,), task, device=x.device, dtype=torch.long)
+        gates = self.container.gates[layer]
+        W = torch.stack([g.weight for g in gates])[tasks]  # [B, 2, d]
+        b = torch.stack([g.bias for g in gates])[tasks]    # [B, 2]
+        g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
+        task_column = F.one_hot(tasks + 1, n_experts).to(g.dtype).unsqueeze(1)  # [B, 1, E]
+        shared_column = torch.zeros(n_experts, device=x.device, dtype=g.dtype)
+        shared_column[0] = 1
+        return g[..., :1] * shared_column + g[..., 1:] * task_column
+
+    @contextlib.contextmanager
+    def route(self, task_index):
+        previous = self.fixed_task
+        trained = len(self.container.gates[0])  # a task without an expert yet (FWT) gets the shared expert alone
+        self.fixed_task = -1 if task_index is None or task_index >= trained else task_index
+        try:
+            yield
+        finally:
+            self.fixed_task = previous
+
+    @contextlib.contextmanager
+    def batch_route(self, task_ids):
+        self.sample_tasks = task_ids
+        try:
+            yield
+        finally:
+            self.sample_tasks = None
+
+    # --- training -------------------------------------------------------------------------------
+    def training_examples(self, stage, examples, ctx):
+        size = self.options.memory_per_task if self.container.discriminators else 0
+        memory = []
+        for t in sorted({t for s in range(stage) for t in ctx.stages[s]}):
+            task = ctx.tasks[t]
+            rng = random.Random(f"moe_cl-memory:{self.options.seed}:{task.name}")
+            for i in sorted(rng.sample(range(len(task.train)), min(size, len(task.train)))):
+                prompt = ctx.prompts.encode_prompt(task, task.train[i], t).input_ids
+                memory.append(Encoded(prompt, len(prompt), t))  # no answer tokens: no LM loss
+        self.disc_correct = self.disc_total = 0
+        return examples + memory
+
+    def loss_terms(self, step, ctx):
+        if not self.container.discriminators:
+            return {}
+        mask = step.batch.attention_mask
+        labels = step.batch.task_ids
+        seen = step.stage + 1
+        losses = []
+        for layer in self.disc_layers:
+            shared = self.experts.routing[layer].recorded
+            features = GradientReversal.apply(masked_mean(shared.float(), mask), self.options.adversarial_weight)
+            logits = self.container.discriminators[str(layer)](features)[:, :seen]
+            losses.append(F.cross_entropy(logits, labels))
+            if layer == self.disc_layers[-1]:
+                self.disc_correct += int((logits.argmax(-1) == labels).sum())
+                self.disc_total += len(labels)
+        return {"adversarial": torch.stack(losses).mean()}
+
+    def after_task(self, stage, ctx):
+        self.experts.clear()
+        if self.disc_total:
+            self.discriminator_accuracy = getattr(self, "discriminator_accuracy", [])
+            self.discriminator_accuracy.append(100.0 * self.disc_correct / self.disc_total)
+
+    def extra_metrics(self):
+        out = {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
+               "adversarial_weight": self.options.adversarial_weight}
+        if getattr(self, "discriminator_accuracy", None):
+            out["discriminator_train_accuracy"] = self.discriminator_accuracy
+        return out

@@ -1,0 +1,176 @@
+"""MoE-CL on a tiny model: freezing, gate, adversarial gradient, both mixing modes, save/load, config errors."""
+
+import pytest
+import torch
+
+from evolora.config import build_config
+from evolora.data.batching import collate_train
+from evolora.engine import StepLog, build_context, run, train_stage
+from evolora.errors import ConfigError
+from evolora.methods.moe_cl import GradientReversal
+
+
+def moe_context(tmp_path, tiny_config, **options):
+    options.setdefault("memory_per_task", 4)
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": options}, data={"max_tasks": 3}))
+    return build_context(cfg, tmp_path / "run")
+
+
+def train_through(ctx, method, stages):
+    for stage in range(stages):
+        method.grow(stage, ctx)
+        method.before_task(stage, ctx)
+        examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
+        train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
+        method.after_task(stage, ctx)
+
+
+def expert_snapshot(method, expert):
+    return [p.detach().clone() for layer in range(len(method.experts.layers))
+            for p in method.experts.expert_parameters(layer, expert)]
+
+
+def logits_on(ctx, method, task, n=4):
+    batch = collate_train(ctx.encode_train(task)[:n], ctx.tokenizer.pad_token_id)
+    with torch.no_grad(), method.route(task):
+        return ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).logits
+
+
+@pytest.mark.parametrize("mixing", ["proj", "ffn"])
+def test_old_experts_gates_and_base_unchanged_after_a_later_task(tmp_path, tiny_config, mixing):
+    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing)
+    ctx.config.train.lr = 5e-2
+    base = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if id(p) in method.base_parameter_ids}
+    train_through(ctx, method, 1)
+    task0 = expert_snapshot(method, 1)
+    gate0 = [g[0].weight.detach().clone() for g in method.container.gates]
+    shared = expert_snapshot(method, 0)
+    assert any(p.abs().sum() > 0 for p in task0[1::2])  # B matrices moved off zero: the expert learned
+    train_through_stage(ctx, method, 1)
+    assert all(torch.equal(a, b) for a, b in zip(task0, expert_snapshot(method, 1)))
+    assert all(torch.equal(a, g[0].weight) for a, g in zip(gate0, method.container.gates))
+    after = dict(ctx.model.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base)
+    assert any(not torch.equal(a, b) for a, b in zip(shared, expert_snapshot(method, 0)))  # shared keeps learning
+    trainable = {id(p) for p in ctx.model.parameters() if p.requires_grad}
+    assert {id(p) for p in method.experts.expert_parameters(0, 2)} <= trainable
+    assert not {id(p) for p in method.experts.expert_parameters(0, 1)} & trainable
+
+
+def train_through_stage(ctx, method, stage):
+    method.grow(stage, ctx)
+    examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
+    train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
+    method.after_task(stage, ctx)
+
+
+def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config):
+    ctx, method = moe_context(tmp_path, tiny_config)
+    for stage in range(3):
+        method.grow(stage, ctx)
+    for gates in method.container.gates:
+        for gate in gates:
+            torch.nn.init.normal_(gate.weight)
+    x = torch.randn(2, 5, method.experts.hidden_size)
+    with method.route(1):
+        w = method._weights(0, x)
+    assert w.shape == (2, 5, 4)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 5))
+    assert (w[..., 1] == 0).all() and (w[..., 3] == 0).all() and (w[..., 2] > 0).all()
+    method.sample_tasks = torch.tensor([0, 2])  # per-sample routing of a mixed batch
+    w = method._weights(0, x)
+    method.sample_tasks = None
+    assert (w[0, :, 1] > 0).all() and (w[0, :, 3] == 0).all() and (w[1, :, 3] > 0).all()
+    with method.route(None):  # no task known: the shared expert alone
+        assert torch.equal(method._weights(0, x)[..., 0], torch.ones(2, 5))
+
+
+def test_gradient_reversal_flips_and_scales():
+    x = torch.randn(3, 4, requires_grad=True)
+    GradientReversal.apply(x, 0.5).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, -0.5))
+
+
+@pytest.mark.parametrize("mixing", ["proj", "ffn"])
+def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminator(tmp_path, tiny_config, mixing):
+    from evolora.methods.base import StepInputs
+
+    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing, adversarial_weight=1.0)
+    for stage in range(2):
+        method.grow(stage, ctx)
+    for layer in range(len(method.experts.layers)):  # a non-zero shared expert, so its output carries signal
+        for p in method.experts.expert_parameters(layer, 0):
+            torch.nn.init.normal_(p, std=0.1)
+    examples = method.training_examples(1, ctx.encode_train(1), ctx)
+    batch = collate_train(examples[:4] + examples[-4:], ctx.tokenizer.pad_token_id)  # tasks 1 and 0 (memory)
+    assert set(batch.task_ids.tolist()) == {0, 1}
+    ctx.model.train()
+
+    def grads():
+        ctx.model.zero_grad()
+        with method.batch_route(batch.task_ids):
+            out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids)
+        term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"]
+        term.backward()
+        shared = method.experts.expert_parameters(len(method.experts.layers) - 1, 0)[1].grad.clone()
+        disc = next(iter(method.container.discriminators.values()))[0].weight.grad.clone()
+        return shared, disc
+
+    shared_reversed, disc_reversed = grads()
+    method.options.adversarial_weight = -1.0  # same term without the reversal: a plain classifier loss
+    shared_plain, disc_plain = grads()
+    assert shared_reversed.abs().sum() > 0
+    assert torch.allclose(shared_reversed, -shared_plain, atol=1e-6)
+    assert torch.allclose(disc_reversed, disc_plain, atol=1e-6)  # the discriminator itself is not reversed
+
+
+def test_ffn_and_proj_mixing_differ_once_experts_are_trained(tmp_path, tiny_config):
+    outs = {}
+    for mixing in ("proj", "ffn"):
+        ctx, method = moe_context(tmp_path / mixing, tiny_config, mixing=mixing)
+        torch.manual_seed(0)
+        method.grow(0, ctx)
+        for layer in range(len(method.experts.layers)):
+            for expert in (0, 1):
+                for p in method.experts.expert_parameters(layer, expert):
+                    torch.nn.init.normal_(p, std=0.2)
+        ctx.model.eval()
+        outs[mixing] = logits_on(ctx, method, 0)
+    assert not torch.allclose(outs["proj"], outs["ffn"], atol=1e-4)
+
+
+def test_save_load_gives_identical_outputs(tmp_path, tiny_config):
+    import json
+
+    from evolora.reload import evaluate_run, load_run
+
+    raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 2}}, data={"max_tasks": 2},
+                      train={"lr": 5e-2})
+    record = run(build_config(raw))
+    ctx, method = load_run(tmp_path / "run")
+    ctx2, method2 = load_run(tmp_path / "run")
+    for task in range(2):
+        assert torch.equal(logits_on(ctx, method, task), logits_on(ctx2, method2, task))
+    fresh, fresh_method = build_context(build_config(raw), None)
+    for stage in range(2):
+        fresh_method.grow(stage, fresh)
+    fresh.model.eval()
+    assert not torch.equal(logits_on(ctx, method, 1), logits_on(fresh, fresh_method, 1))
+    reloaded = evaluate_run(tmp_path / "run")
+    assert list(reloaded["accuracy"].values()) == record["R"][-1]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["R"][-1] == record["R"][-1]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target_modules": ["nope_proj"]}, "target_modules: 'nope_proj' is not a module"),
+    ({"r": 0}, "method.options: r must be > 0"),
+    ({"mixing": "sum"}, "method.options.mixing"),
+    ({"discriminator_layers": [99]}, "discriminator_layers: layer 99 does not exist"),
+])
+def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": options}))
+        build_context(cfg, None)
+    assert "\n" not in str(err.value)
