@@ -129,14 +129,21 @@ def _cell(value, digits=1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def table_row(metrics: dict) -> list[str]:
+def table_rows(metrics: dict) -> list[list[str]]:
+    """One row per run; a run evaluated with located task ids as well gives `label (oracle)` and
+    `label (locate)` (the latter from the final model only, so only AP and the locator's accuracy)."""
     m = metrics.get("metrics", {})
     label = metrics.get("bench", {}).get("label") or metrics["method"]
     params = metrics.get("parameters", {}).get("added_per_task")
-    extra = metrics.get("method_metrics", {})
-    return [label, _cell(m.get("AP")), _cell(m.get("Avg")), _cell(m.get("BWT")), _cell(m.get("FWT")),
-            _cell(m.get("drift_pct")), _cell(extra.get("locator_accuracy")),
-            f"{params:,.0f}" if params else "", _cell(metrics["timings"]["total_s"] / 60)]
+    params_cell = f"{params:,.0f}" if params else ""
+    minutes = _cell(metrics["timings"]["total_s"] / 60)
+    locate = metrics.get("locate")
+    first = [label + (" (oracle)" if locate else ""), _cell(m.get("AP")), _cell(m.get("Avg")), _cell(m.get("BWT")),
+             _cell(m.get("FWT")), _cell(m.get("drift_pct")), "", params_cell, minutes]
+    if not locate:
+        return [first]
+    return [first, [f"{label} (locate)", _cell(locate["AP"]), "", "", "", "", _cell(locate["locator"]), params_cell,
+                    minutes]]
 
 
 def _aggregate(runs: list[dict]) -> list[dict]:
@@ -158,17 +165,24 @@ def _mean_std(values: list) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def aggregated_row(label: str, runs: list[dict]) -> list[str]:
+def aggregated_rows(label: str, runs: list[dict]) -> list[list[str]]:
     if len(runs) == 1:
-        return table_row(runs[0])
+        return table_rows(runs[0])
 
     def col(key):
         return _mean_std([r.get("metrics", {}).get(key) for r in runs])
 
     params = runs[0].get("parameters", {}).get("added_per_task")
-    locator = _mean_std([r.get("method_metrics", {}).get("locator_accuracy") for r in runs])
-    return [f"{label} ({len(runs)} orders)", col("AP"), col("Avg"), col("BWT"), col("FWT"), col("drift_pct"), locator,
-            f"{params:,.0f}" if params else "", _mean_std([r["timings"]["total_s"] / 60 for r in runs])]
+    params_cell = f"{params:,.0f}" if params else ""
+    minutes = _mean_std([r["timings"]["total_s"] / 60 for r in runs])
+    located = [r["locate"] for r in runs if r.get("locate")]
+    name = f"{label} ({len(runs)} orders)"
+    rows = [[name.replace(" (", " (oracle, ", 1) if located else name, col("AP"), col("Avg"), col("BWT"), col("FWT"),
+             col("drift_pct"), "", params_cell, minutes]]
+    if located:
+        rows.append([f"{label} (locate, {len(located)} orders)", _mean_std([x["AP"] for x in located]), "", "", "",
+                     "", _mean_std([x["locator"] for x in located]), params_cell, minutes])
+    return rows
 
 
 def results_markdown(result_files: list[Path]) -> str:
@@ -185,7 +199,7 @@ def results_markdown(result_files: list[Path]) -> str:
     rows, notes = [], []
     for suite, runs in by_suite.items():
         for group in _aggregate(runs):
-            rows.append("| " + " | ".join(aggregated_row(group["label"], group["runs"])) + " |")
+            rows += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
         for metrics in runs:
             b = metrics.get("bench", {})
             stream = metrics["stream"]
@@ -228,7 +242,8 @@ def compare(metrics_list: list[dict], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = [m.get("bench", {}).get("label") or m["name"] for m in metrics_list]
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
-    body = "".join("| " + " | ".join([label] + table_row(m)[1:]) + " |\n" for label, m in zip(labels, metrics_list))
+    body = "".join("| " + " | ".join([label + row[0][len(m.get("bench", {}).get("label") or m["method"]):]] + row[1:])
+                   + " |\n" for label, m in zip(labels, metrics_list) for row in table_rows(m))
     paths = {"markdown": out_dir / "comparison.md", "json": out_dir / "comparison.json",
              "bars": out_dir / "metrics_bars.png", "heatmaps": out_dir / "R_heatmaps.png"}
     atomic.write_text(paths["markdown"], header + body)
@@ -264,4 +279,20 @@ def compare(metrics_list: list[dict], out_dir: Path) -> dict[str, Path]:
     with atomic.atomic_path(paths["heatmaps"]) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+    drifted = [(label, m["general"]) for label, m in zip(labels, metrics_list) if m.get("general")]
+    if drifted:  # general-text perplexity drift over the stream, one line per run
+        paths["drift"] = out_dir / "general_drift.png"
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for label, general in drifted:
+            ax.plot(range(len(general["perplexity"])), [0.0] + general["drift_pct_per_stage"], marker="o", label=label)
+        ax.set_xlabel("stage (0 = base model)")
+        ax.set_ylabel("held-out perplexity change (%)")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic.atomic_path(paths["drift"]) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
     return paths

@@ -115,6 +115,10 @@ class EvalConfig(_Strict):
     future_tasks: Literal["all", "next", "none"] = "all"
     """Which not-yet-trained tasks to evaluate after each task: `next` is enough for FWT."""
     zero_shot: bool = True
+    task_id: Literal["oracle", "locate"] = "oracle"
+    """How expert methods pick a task's experts at evaluation: given (`oracle`) or by their task locator."""
+    locate_final: bool = True
+    """With `oracle`, also evaluate the final model with located task ids when the method has a locator."""
     general_text: Optional[str] = None
     """JSONL of held-out general text (a `text` field per line): its perplexity is measured on the base model
     and after every stage, and reported as drift % (general-ability retention)."""

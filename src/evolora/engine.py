@@ -278,7 +278,8 @@ def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
     key_source = json.dumps({"model": ctx.config.model.model_dump(), "data": ctx.config.data.model_dump(),
                              "probe": probe_hash,
                              "eval": ctx.config.eval.model_dump(exclude={"future_tasks", "zero_shot", "general_text",
-                                                                         "general_texts", "general_max_tokens"}),
+                                                                         "general_texts", "general_max_tokens",
+                                                                         "task_id", "locate_final"}),
                              "autocast": autocast_dtype(ctx.config, ctx.model), "version": __version__},
                             sort_keys=True)
     path = cache_dir() / "zero_shot" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:20]}.json"
@@ -300,28 +301,85 @@ def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
     return row
 
 
-def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int]) -> tuple[list, dict]:
-    """Accuracy on the given tasks. With several processes each evaluates a shard of every test set and
-    the counts are summed."""
+def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
+                 task_id: str = "oracle") -> tuple[list, dict]:
+    """Accuracy on the given tasks, with the task id given (`oracle`) or found by the method's task
+    locator (`locate`). With several processes each evaluates a shard of every test set and the counts are
+    summed. Returns the row and {"predictions": ..., "locator": {task: located-correctly %}}."""
     cfg = ctx.config.eval
     accelerator = ctx.accelerator
     shard = (accelerator.process_index, accelerator.num_processes)
+    if task_id == "locate" and not getattr(method, "has_locator", False):
+        raise EvoloraError(f"eval.task_id: locate needs a method with a task locator; {method.name} has none")
     row: list[Optional[float]] = [None] * len(ctx.tasks)
     predictions = {}
-    counts = torch.zeros(len(ctx.tasks), 2, dtype=torch.long)
+    counts = torch.zeros(len(ctx.tasks), 3, dtype=torch.long)  # correct, total, located correctly
     ctx.model.eval()
     with accelerator.autocast():
         for j in task_indices:
-            with method.route(j):
-                result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
-                                       cfg.batch_size, cfg.max_new_tokens, shard=shard)
-            counts[j] = torch.tensor([result.correct, result.total])
+            if task_id == "locate":
+                result, located = _evaluate_located(ctx, method, j, shard)
+            else:
+                with method.route(j):
+                    result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
+                                           cfg.batch_size, cfg.max_new_tokens, shard=shard)
+                located = 0
+            counts[j] = torch.tensor([result.correct, result.total, located])
             predictions[ctx.tasks[j].name] = result.predictions
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
     for j in task_indices:
         row[j] = 100.0 * counts[j, 0].item() / counts[j, 1].item()
-    return row, predictions
+    locator = {ctx.tasks[j].name: 100.0 * counts[j, 2].item() / counts[j, 1].item() for j in task_indices} \
+        if task_id == "locate" else {}
+    return row, {"predictions": predictions, "locator": locator}
+
+
+def evaluate_located_final(ctx: RunContext, method: Method) -> dict:
+    """The final model on every task with located task ids, and the locator's accuracy for each kind of
+    density model it has (they share the cached features)."""
+    every = list(range(len(ctx.tasks)))
+    row, info = evaluate_row(ctx, method, every, "locate")
+    sizes = [len(t.test) for t in ctx.tasks]
+    by_kind = {}
+    shard = (ctx.accelerator.process_index, ctx.accelerator.num_processes)
+    for kind in ("gaussian", "vae"):
+        hits = torch.zeros(len(ctx.tasks), dtype=torch.long)
+        for j in every:
+            prompts = [ctx.prompts.encode_prompt(ctx.tasks[j], ex, j).input_ids
+                       for ex in ctx.tasks[j].test[shard[0]::shard[1]]]
+            hits[j] = sum(x == j for x in method.locate(ctx, ("test", j, shard), prompts, kind))
+        if ctx.accelerator.num_processes > 1:
+            hits = ctx.accelerator.reduce(hits.to(ctx.accelerator.device), reduction="sum").cpu()
+        by_kind[kind] = 100.0 * hits.sum().item() / sum(sizes)
+    overall = sum(info["locator"][t.name] * n for t, n in zip(ctx.tasks, sizes)) / sum(sizes)
+    return {"R_final": row, "AP": sum(row) / len(row), "locator": overall, "locator_per_task": info["locator"],
+            "locator_kind": method.options.locator, "locator_by_kind": by_kind}
+
+
+def _evaluate_located(ctx: RunContext, method: Method, j: int, shard: tuple[int, int]):
+    """Task j's test examples, each routed to the task the locator finds for it."""
+    import dataclasses
+
+    from evolora.evaluation import TaskResult
+
+    cfg = ctx.config.eval
+    task = ctx.tasks[j]
+    examples = task.test[shard[0]::shard[1]]
+    prompts = [ctx.prompts.encode_prompt(task, ex, j).input_ids for ex in examples]
+    located = method.locate(ctx, ("test", j, shard), prompts)
+    predictions: list[Optional[str]] = [None] * len(examples)
+    correct = 0
+    for t in sorted(set(located)):
+        members = [i for i, x in enumerate(located) if x == t]
+        subset = dataclasses.replace(task, test=[examples[i] for i in members])
+        with method.route(t):
+            part = evaluate_task(ctx.model, subset, j, ctx.prompts, ctx.device, cfg.mode, cfg.batch_size,
+                                 cfg.max_new_tokens)
+        correct += part.correct
+        for i, p in zip(members, part.predictions):
+            predictions[i] = p
+    return TaskResult(correct, len(examples), predictions), sum(x == j for x in located)
 
 
 def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[float]:
@@ -443,6 +501,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     timings: dict[str, Any] = dict(progress.get("timings", {}))
     zero_shot = progress.get("zero_shot")
     general_ppl: list[float] = list(progress.get("general_ppl", []))
+    locate_record: Optional[dict] = progress.get("locate")
 
     def evaluate_zero_shot(ctx: RunContext) -> None:
         nonlocal zero_shot
@@ -484,8 +543,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         timings["total_s"] = previous_s + time.perf_counter() - started
         record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
                                  general_ppl)
+        record["locate"] = locate_record
         if is_main:
-            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "R": R,
+            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "locate": locate_record,
+                                     "R": R,
                                      "stages": stage_records,
                                      "checkpoints": checksums, "global_step": global_step, "timings": timings})
             guarded_write(run_dir / "metrics.json", lambda: atomic.write_json(run_dir / "metrics.json", record))
@@ -510,13 +571,15 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
 
         t0 = time.perf_counter()
         policy = config.eval.future_tasks if continual else "all"
-        row, _ = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)))
+        row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
+                                 config.eval.task_id)
         ppl = general_perplexity(ctx, method, max(task_indices))
         eval_s = time.perf_counter() - t0
         if ppl is not None:
             general_ppl.append(ppl)
         R.append(row)
-        stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s})
+        stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s,
+                              **({"locator": info["locator"]} if info["locator"] else {})})
         save_progress(complete=False)
         if is_main:
             clear_step_state(run_dir)
@@ -527,6 +590,13 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None)
             + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else ""))
     step_log.close()
+    if (locate_record is None and getattr(method, "has_locator", False) and config.eval.locate_final
+            and config.eval.task_id == "oracle"):
+        t0 = time.perf_counter()
+        locate_record = evaluate_located_final(ctx, method)
+        timings["locate_eval_s"] = time.perf_counter() - t0
+        log(f"final model with located task ids: AP {locate_record['AP']:.1f}, locator accuracy "
+            + ", ".join(f"{k} {v:.1f} %" for k, v in locate_record["locator_by_kind"].items()))
     record = save_progress(complete=True)
     if is_main:
         from evolora.report import write_report

@@ -28,8 +28,9 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
 
 def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     ctx, method = load_run(run_dir, overrides)
-    row, _ = evaluate_row(ctx, method, list(range(len(ctx.tasks))))
+    row, info = evaluate_row(ctx, method, list(range(len(ctx.tasks))), ctx.config.eval.task_id)
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
-              "mode": ctx.config.eval.mode}
+              "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id,
+              **({"locator": info["locator"]} if info["locator"] else {})}
     atomic.write_json(Path(run_dir) / "eval.json", result)
     return result

@@ -8,6 +8,7 @@ batched einsums (no Python loop over tokens, samples or experts)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -54,6 +55,10 @@ class ExpertLinear(nn.Module):
         self.lora_B.append(nn.Parameter(b))
         return self.num_experts - 1
 
+    def remove_last_expert(self) -> None:
+        self.lora_A = nn.ParameterList(list(self.lora_A)[:-1])
+        self.lora_B = nn.ParameterList(list(self.lora_B)[:-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         w = self.routing.weights
@@ -92,6 +97,7 @@ class ExpertModel:
         self.routing = [LayerRouting(i) for i in range(len(self.layers))]
         self.linears: list[dict[str, ExpertLinear]] = []
         self.weights_fn = weights_fn
+        self.off = False
         self.hidden_size = model.config.hidden_size
         for i, layer in enumerate(self.layers):
             found = {}
@@ -107,16 +113,32 @@ class ExpertModel:
 
     def _make_hook(self, index: int):
         def hook(module, args, kwargs):
+            if self.off:
+                self.routing[index].weights = None
+                return
             h = _hidden_from_call(args, kwargs)
             normed = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
             self.routing[index].weights = self.weights_fn(index, normed)
         return hook
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The frozen base model alone while inside (e.g. for task-locator features)."""
+        previous, self.off = self.off, True
+        try:
+            yield
+        finally:
+            self.off = previous
 
     def add_expert(self, layer: int, copy_from: Optional[int] = None) -> int:
         index = -1
         for linear in self.linears[layer].values():
             index = linear.add_expert(copy_from)
         return index
+
+    def remove_last_expert(self, layer: int) -> None:
+        for linear in self.linears[layer].values():
+            linear.remove_last_expert()
 
     def num_experts(self, layer: int) -> int:
         return next(iter(self.linears[layer].values())).num_experts

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.data.prompting import Encoded
-from evolora.methods.base import LoraOptions, Method, check_target_modules
+from evolora.methods.base import Method, check_target_modules
 from evolora.methods.experts import ExpertModel, decoder_layers
+from evolora.methods.locator import LocatorHooks, LocatorOptions
 from evolora.methods.registry import register
 
 
 @dataclass
-class MoECLOptions(LoraOptions):
+class MoECLOptions(LocatorOptions):
     mixing: Literal["proj", "ffn"] = "proj"
     adversarial_weight: float = 0.1
     """lambda of the gradient reversal; 0 turns the discriminator off."""
@@ -100,7 +101,7 @@ class MixedFFN(nn.Module):
 
 
 @register
-class MoECL(Method):
+class MoECL(LocatorHooks, Method):
     name = "moe_cl"
     Options = MoECLOptions
 
@@ -137,6 +138,7 @@ class MoECL(Method):
             for i in self.disc_layers} if opts.adversarial_weight > 0 else {})
         model.add_module("moe_cl", container.to(next(model.parameters()).device))
         self.container = container
+        self.setup_locator(model, ctx)
         self.current = 0
         self.fixed_task: Optional[int] = None
         self.sample_tasks: Optional[torch.Tensor] = None
@@ -155,6 +157,7 @@ class MoECL(Method):
                 nn.init.zeros_(gate.weight)
                 nn.init.zeros_(gate.bias)
                 gates.append(gate)
+        self.grow_locator(stage)
         self.current = stage
         self._set_trainable(stage)
 
@@ -241,6 +244,7 @@ class MoECL(Method):
 
     def after_task(self, stage, ctx):
         self.experts.clear()
+        self.fit_locator(stage, ctx)
         if self.disc_total:
             self.discriminator_accuracy = getattr(self, "discriminator_accuracy", [])
             self.discriminator_accuracy.append(100.0 * self.disc_correct / self.disc_total)
@@ -248,6 +252,7 @@ class MoECL(Method):
     def extra_metrics(self):
         out = {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
                "adversarial_weight": self.options.adversarial_weight}
+        out["locator_fit_s"] = self.locator_fit_s
         if getattr(self, "discriminator_accuracy", None):
             out["discriminator_train_accuracy"] = self.discriminator_accuracy
         return out

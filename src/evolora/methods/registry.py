@@ -19,8 +19,8 @@ def register_addon(cls):
 
 
 def _load_all() -> None:
-    from evolora.methods import (ewc, gere, lwf, moe_cl, multitask, olora, per_task_lora,  # noqa: F401
-                                 replay, seq_ft, seq_lora)
+    from evolora.methods import (cmoe, ewc, gere, lwf, moe_cl, multitask, olora,  # noqa: F401
+                                 per_task_lora, replay, seq_ft, seq_lora)
 
 
 def method_class(name: str, source: str = "config"):

@@ -1,0 +1,221 @@
+"""Task locator (after LLaVA-CMoE's probabilistic task locator, arXiv 2503.21227): which task does an
+input belong to, so expert methods need no task id at inference.
+
+The feature of an input is the frozen base model's hidden state of its last prompt token (layer
+configurable). After each task, a density model of that task's train features is fitted; an input's
+score under task t is z-scored with t's own training scores (so tasks of different spread compare), and
+the lowest z wins. Two density models:
+  gaussian  probabilistic PCA: Mahalanobis distance in the top-k principal directions plus the residual
+            over the mean remaining variance (k*d + d numbers a task instead of a full d x d covariance)
+  vae       the paper's form: a small VAE per task on standardised features; score = reconstruction error
+Both are fitted on every task, so one run measures both; `kind` picks the one used for routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evolora.methods.base import LoraOptions
+
+Kind = Literal["gaussian", "vae"]
+
+
+@dataclass
+class LocatorOptions(LoraOptions):
+    locator: Kind = "gaussian"
+    """The density model that routes in `locate` mode (both are fitted and measured)."""
+    locator_layer: int = -1
+    """Hidden-state index of the base model's feature; -1 = the final (normed) state."""
+    locator_rank: int = 16
+    locator_fit_examples: int = 200
+    """Train prompts per task the locator is fitted on."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.locator_rank < 1 or self.locator_fit_examples < 2:
+            raise ValueError("need locator_rank >= 1 and locator_fit_examples >= 2")
+
+
+def _frozen(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+
+
+class GaussianDensity(nn.Module):
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.mean, self.basis, self.variances = _frozen(dim), _frozen(dim, rank), _frozen(rank)
+        self.residual_variance, self.score_mean, self.score_std = _frozen(1), _frozen(1), _frozen(1)
+
+    def fit(self, x: torch.Tensor) -> None:
+        x = x.double()
+        mean = x.mean(0)
+        centered = x - mean
+        cov = centered.T @ centered / max(1, len(x) - 1)
+        eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+        eigvals = eigvals.clamp(min=0).flip(0)
+        eigvecs = eigvecs.flip(1)
+        k = self.basis.shape[1]
+        rest = eigvals[k:]
+        floor = 1e-6 * eigvals[0].clamp(min=1e-12)
+        residual = (rest.mean() if len(rest) else torch.tensor(0.0, dtype=x.dtype)).clamp(min=floor)
+        with torch.no_grad():
+            self.mean.copy_(mean.float())
+            self.basis.copy_(eigvecs[:, :k].float())
+            self.variances.copy_(eigvals[:k].clamp(min=residual).float())
+            self.residual_variance.fill_(float(residual))
+            scores = self.raw_score(x.float())
+            self.score_mean.fill_(float(scores.mean()))
+            self.score_std.fill_(float(scores.std().clamp(min=1e-6)))
+
+    def raw_score(self, x: torch.Tensor) -> torch.Tensor:
+        centered = x.float() - self.mean
+        proj = centered @ self.basis
+        residual = (centered.pow(2).sum(-1) - proj.pow(2).sum(-1)).clamp(min=0)
+        return (proj.pow(2) / self.variances).sum(-1) + residual / self.residual_variance
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw_score(x) - self.score_mean) / self.score_std
+
+
+class VAEDensity(nn.Module):
+    def __init__(self, dim: int, hidden: int = 64, latent: int = 16):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.feature_mean, self.feature_std = _frozen(dim), _frozen(dim)
+        self.score_mean, self.score_std = _frozen(1), _frozen(1)
+        self.requires_grad_(False)
+
+    def _reconstruct(self, z_in: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(z_in).chunk(2, dim=-1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        return self.decoder(z), mu, logvar
+
+    def fit(self, x: torch.Tensor, steps: int = 300, lr: float = 3e-3, beta: float = 1e-3, seed: int = 0) -> None:
+        x = x.float()
+        with torch.no_grad():
+            self.feature_mean.copy_(x.mean(0))
+            self.feature_std.copy_(x.std(0).clamp(min=1e-4))
+        z_in = (x - self.feature_mean) / self.feature_std
+        params = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            for _ in range(steps):
+                recon, mu, logvar = self._reconstruct(z_in, sample=True)
+                kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
+                loss = F.mse_loss(recon, z_in, reduction="none").sum(-1).mean() + beta * kl
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.requires_grad_(False)
+        with torch.no_grad():
+            scores = self.raw_score(x)
+            self.score_mean.fill_(float(scores.mean()))
+            self.score_std.fill_(float(scores.std().clamp(min=1e-6)))
+
+    @torch.no_grad()
+    def raw_score(self, x: torch.Tensor) -> torch.Tensor:
+        z_in = (x.float() - self.feature_mean) / self.feature_std
+        recon, _, _ = self._reconstruct(z_in, sample=False)
+        return (recon - z_in).pow(2).mean(-1)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw_score(x) - self.score_mean) / self.score_std
+
+
+class TaskLocator(nn.Module):
+    """One Gaussian and one VAE density per task, over base-model features of dimension `dim`."""
+
+    def __init__(self, dim: int, rank: int = 16, vae_hidden: int = 64, vae_latent: int = 16):
+        super().__init__()
+        self.dim, self.rank, self.vae_hidden, self.vae_latent = dim, rank, vae_hidden, vae_latent
+        self.gaussian = nn.ModuleList()
+        self.vae = nn.ModuleList()
+
+    def __len__(self) -> int:
+        return len(self.gaussian)
+
+    def add_task(self) -> None:
+        self.gaussian.append(GaussianDensity(self.dim, self.rank))
+        self.vae.append(VAEDensity(self.dim, self.vae_hidden, self.vae_latent))
+
+    def fit(self, task: int, features: torch.Tensor, seed: int = 0) -> None:
+        self.gaussian[task].fit(features)
+        self.vae[task].fit(features, seed=seed + task)
+
+    @torch.no_grad()
+    def scores(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
+        """[N, tasks] z-scored density scores (lower = more likely that task)."""
+        models = self.gaussian if kind == "gaussian" else self.vae
+        return torch.stack([m.score(features) for m in models], dim=-1)
+
+    def locate(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
+        return self.scores(features, kind).argmin(-1)
+
+
+class LocatorHooks:
+    """For expert methods (mixed into the Method): a task locator fitted after every task from base-model
+    features of that task's train prompts, and `locate()` for task-id-free inference. The method provides
+    `self.experts` (an ExpertModel) and options `locator` ('gaussian'|'vae'), `locator_layer`,
+    `locator_rank`, `locator_fit_examples`."""
+
+    has_locator = True
+
+    def setup_locator(self, model, ctx) -> None:
+        self.locator = TaskLocator(model.config.hidden_size, self.options.locator_rank)
+        model.add_module("task_locator", self.locator)
+        self._feature_cache: dict = {}
+        self.locator_fit_s = 0.0
+
+    def grow_locator(self, stage: int) -> None:
+        while len(self.locator) < stage + 1:
+            self.locator.add_task()
+
+    @torch.no_grad()
+    def features(self, ctx, prompt_ids: list[list[int]]) -> torch.Tensor:
+        """The frozen base model's hidden state of each prompt's last token, experts off: [N, d]."""
+        from evolora.data.batching import left_pad
+
+        model = ctx.model
+        model.eval()
+        rows = []
+        size = ctx.config.eval.batch_size
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        with self.experts.disabled(), ctx.accelerator.autocast():
+            for start in range(0, len(order), size):
+                idx = order[start:start + size]
+                ids, mask, positions = (t.to(ctx.device) for t in left_pad([prompt_ids[i] for i in idx],
+                                                                          ctx.tokenizer.pad_token_id))
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                            logits_to_keep=1)
+                rows.append((idx, out.hidden_states[self.options.locator_layer][:, -1].float().cpu()))
+        feats = torch.empty(len(prompt_ids), model.config.hidden_size)
+        for idx, block in rows:
+            feats[idx] = block
+        return feats
+
+    def fit_locator(self, stage: int, ctx) -> None:
+        import random
+        import time
+
+        started = time.perf_counter()
+        for t in ctx.stages[stage]:
+            task = ctx.tasks[t]
+            rng = random.Random(f"locator:{ctx.config.data.seed}:{task.name}")
+            chosen = sorted(rng.sample(range(len(task.train)), min(self.options.locator_fit_examples, len(task.train))))
+            prompts = [ctx.prompts.encode_prompt(task, task.train[i], t).input_ids for i in chosen]
+            self.locator.fit(t, self.features(ctx, prompts), seed=ctx.config.train.seed)
+        self.locator_fit_s += time.perf_counter() - started
+
+    def locate(self, ctx, key, prompt_ids: list[list[int]], kind: str | None = None) -> list[int]:
+        """Located task of each prompt; base-model features are cached under `key` (they never change)."""
+        if key not in self._feature_cache:
+            self._feature_cache[key] = self.features(ctx, prompt_ids)
+        return self.locator.locate(self._feature_cache[key], kind or self.options.locator).tolist()
