@@ -3,6 +3,10 @@
 14-label task relative to a 1-label task, and the process's peak memory.
 
     python benchmarks/speed.py [--models tiny-llama smollm2-135m] [--methods seq_lora replay ...] [--steps 6]
+
+A method is named as in the results table, with options after a colon: `moe_cl`, `moe_cl:mixing=ffn`,
+`seq_lora+gere`, `seq_lora+gere:memory_per_task=0` (options go to the method; GeRe reads the general texts
+of ../shared/data/general when they are there).
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from pathlib import Path
+
+import yaml
 
 import torch
 
@@ -21,7 +28,9 @@ from evolora.evaluation import score_candidates
 from evolora.methods.base import LoraOptions
 from evolora.methods.seq_lora import add_lora
 
-METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora"]
+METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora", "moe_cl", "moe_cl:mixing=ffn",
+           "cmoe", "seq_lora+gere", "seq_ft+gere"]
+GENERAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "general" / "replay_1000.jsonl"
 DBPEDIA_LABELS = ["Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean of Transportation",
                   "Building", "Natural Place", "Village", "Animal", "Plant", "Album", "Film", "Written Work"]
 TEXT = ("The museum opened a new wing last spring, with rooms on river trade, old maps and the ships that carried "
@@ -34,11 +43,20 @@ def synthetic_task(name: str, n: int) -> Task:
                 DBPEDIA_LABELS, examples, examples[:16])
 
 
+def method_section(spec: str) -> dict:
+    """`name[+addon...][:key=value,...]` -> the config's method section."""
+    names, _, opts = spec.partition(":")
+    method, *addons = names.split("+")
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in opts.split(",") if item)}
+    gere = {"texts": str(GENERAL)} if GENERAL.is_file() else {"num_texts": 16}
+    return {"name": method, "options": options, "addons": {a: (gere if a == "gere" else {}) for a in addons}}
+
+
 def config(model: str, method: str, batch: int):
     return build_config({
         "model": {"name": model, "dtype": "fp32" if model == "tiny-llama" else "bf16"},
         "data": {"stream": "demo", "max_input_tokens": 192},
-        "method": {"name": method},
+        "method": method_section(method),
         "train": {"batch_size": batch, "lr": 1e-4, "checkpoint_every": 0},
         "eval": {"batch_size": 16},
     })

@@ -26,6 +26,8 @@ def tiny_config():
         }
         for key, value in sections.items():
             raw[key].update(value)
+        if method_name in ("moe_cl", "cmoe"):  # a short locator fit keeps the tiny runs fast
+            raw["method"]["options"] = {"locator_vae_steps": 20, **raw["method"]["options"]}
         return raw
     return make
 

@@ -63,6 +63,28 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
 
 
 @app.command()
+def predict(run_dir: Path = typer.Argument(..., help="A finished run folder."),
+            text: Optional[List[str]] = typer.Option(None, "--text", help="An input (repeatable)."),
+            file: Optional[Path] = typer.Option(None, "--file", help="JSONL rows with `input` (and optionally "
+                                                "`instruction`), or a text file with one input per line."),
+            task: Optional[str] = typer.Option(None, "--task", help="Answer as this task (default: locate it)."),
+            as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+            ) -> None:
+    """Answer new inputs with a finished run's model; expert methods locate the task themselves."""
+    import json
+
+    from evolora.data.tasks import Example
+    from evolora.reload import predict as predict_inputs
+    from evolora.reload import read_inputs
+
+    examples = [Example(t, "") for t in text or []] + (read_inputs(file) if file else [])
+    if not examples:
+        raise EvoloraError("predict: give inputs with --text or --file")
+    for row in predict_inputs(run_dir, examples, task):
+        _echo(json.dumps(row, ensure_ascii=False) if as_json else f"[{row['task']}] {row['answer']}\t{row['input'][:80]}")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run folder with metrics.json.")) -> None:
     """(Re)build report.html and the plots of a run."""
     from evolora.report import write_report

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from evolora import atomic
+from evolora.data.tasks import Example
 from evolora.config import load_config
 from evolora.engine import build_context, checkpoint_path, evaluate_row, load_checkpoint
 from evolora.errors import EvoloraError
@@ -34,3 +38,62 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
               **({"locator": info["locator"]} if info["locator"] else {})}
     atomic.write_json(Path(run_dir) / "eval.json", result)
     return result
+
+
+def read_inputs(path: Path) -> list[Example]:
+    """Inputs to predict: JSONL rows with `input` (and optionally `instruction`), or plain text lines."""
+    from evolora.data.readers import _read_text, _string_field, iter_jsonl
+    from evolora.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    if path.suffix != ".jsonl":
+        lines = _read_text(path).splitlines()
+        return [Example(line.strip(), "") for line in lines if line.strip()]
+    rows = []
+    for line, row in iter_jsonl(path):
+        text = _string_field(path, line, row, "input")
+        rows.append(Example(text, "", _string_field(path, line, row, "instruction", required=False)))
+    if not rows:
+        raise DataError(f"{path}: no inputs")
+    return rows
+
+
+@torch.no_grad()
+def predict(run_dir: Path, examples: list[Example], task: Optional[str] = None) -> list[dict]:
+    """Answers for new inputs. With `task` the named task's experts answer (oracle); without, the run's
+    task locator picks the task: every input is framed as each task would frame it (its instruction
+    unless the input brings one, its answer options), scored by that task's density model, and the task
+    with the lowest z-score answers."""
+    from evolora.data.tasks import Task
+    from evolora.evaluation import evaluate_task
+
+    ctx, method = load_run(run_dir)
+    names = [t.name for t in ctx.tasks]
+    if task is not None:
+        if task not in names:
+            raise EvoloraError(f"--task: {task!r} is not a task of this run ({', '.join(names)})")
+        located = [names.index(task)] * len(examples)
+    else:
+        if not getattr(method, "has_locator", False):
+            raise EvoloraError(f"{method.name} has no task locator: name the task with --task ({', '.join(names)})")
+        kind = method.options.locator
+        scores = torch.stack([
+            method.locator.score_task(t, method.features(ctx, [ctx.prompts.encode_prompt(ctx.tasks[t], ex, t).input_ids
+                                                              for ex in examples]), kind)
+            for t in range(len(ctx.tasks))], dim=-1)
+        located = scores.argmin(-1).tolist()
+    out: list[dict] = [{} for _ in examples]
+    cfg = ctx.config.eval
+    with ctx.accelerator.autocast():
+        for t in sorted(set(located)):
+            members = [i for i, x in enumerate(located) if x == t]
+            subset = Task(ctx.tasks[t].name, ctx.tasks[t].instruction, ctx.tasks[t].labels, [],
+                          [examples[i] for i in members])
+            with method.route(t):
+                result = evaluate_task(ctx.model, subset, t, ctx.prompts, ctx.device, cfg.mode, cfg.batch_size,
+                                       cfg.max_new_tokens)
+            for i, answer in zip(members, result.predictions):
+                out[i] = {"input": examples[i].input, "task": names[t], "answer": answer}
+    return out

@@ -61,7 +61,7 @@ def expansion_decision(frequencies: list[float], alpha: float) -> list[int]:
     used in, when every layer used it equally)."""
     freq = torch.tensor(frequencies, dtype=torch.float64)
     std = freq.std(unbiased=False).item() if len(freq) > 1 else 0.0
-    if std == 0:
+    if std < 1e-9:
         return [i for i, f in enumerate(frequencies) if f > 0]
     threshold = freq.mean().item() - alpha * std
     return [i for i, f in enumerate(frequencies) if f > threshold]

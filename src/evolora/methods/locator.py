@@ -33,11 +33,12 @@ class LocatorOptions(LoraOptions):
     locator_rank: int = 16
     locator_fit_examples: int = 200
     """Train prompts per task the locator is fitted on."""
+    locator_vae_steps: int = 300
 
     def __post_init__(self):
         super().__post_init__()
-        if self.locator_rank < 1 or self.locator_fit_examples < 2:
-            raise ValueError("need locator_rank >= 1 and locator_fit_examples >= 2")
+        if self.locator_rank < 1 or self.locator_fit_examples < 2 or self.locator_vae_steps < 1:
+            raise ValueError("need locator_rank >= 1, locator_fit_examples >= 2, locator_vae_steps >= 1")
 
 
 def _frozen(*shape) -> nn.Parameter:
@@ -146,9 +147,9 @@ class TaskLocator(nn.Module):
         self.gaussian.append(GaussianDensity(self.dim, self.rank))
         self.vae.append(VAEDensity(self.dim, self.vae_hidden, self.vae_latent))
 
-    def fit(self, task: int, features: torch.Tensor, seed: int = 0) -> None:
+    def fit(self, task: int, features: torch.Tensor, seed: int = 0, vae_steps: int = 300) -> None:
         self.gaussian[task].fit(features)
-        self.vae[task].fit(features, seed=seed + task)
+        self.vae[task].fit(features, steps=vae_steps, seed=seed + task)
 
     @torch.no_grad()
     def scores(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
@@ -158,6 +159,10 @@ class TaskLocator(nn.Module):
 
     def locate(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
         return self.scores(features, kind).argmin(-1)
+
+    @torch.no_grad()
+    def score_task(self, task: int, features: torch.Tensor, kind: Kind) -> torch.Tensor:
+        return (self.gaussian if kind == "gaussian" else self.vae)[task].score(features)
 
 
 class LocatorHooks:
@@ -211,7 +216,8 @@ class LocatorHooks:
             rng = random.Random(f"locator:{ctx.config.data.seed}:{task.name}")
             chosen = sorted(rng.sample(range(len(task.train)), min(self.options.locator_fit_examples, len(task.train))))
             prompts = [ctx.prompts.encode_prompt(task, task.train[i], t).input_ids for i in chosen]
-            self.locator.fit(t, self.features(ctx, prompts), seed=ctx.config.train.seed)
+            self.locator.fit(t, self.features(ctx, prompts), seed=ctx.config.train.seed,
+                             vae_steps=self.options.locator_vae_steps)
         self.locator_fit_s += time.perf_counter() - started
 
     def locate(self, ctx, key, prompt_ids: list[list[int]], kind: str | None = None) -> list[int]:

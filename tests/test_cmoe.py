@@ -1,0 +1,147 @@
+"""CMoE and the task locator on tiny models and synthetic features."""
+
+import json
+
+import pytest
+import torch
+
+from evolora.config import build_config
+from evolora.engine import StepLog, build_context, run, train_stage
+from evolora.errors import DataError, EvoloraError
+from evolora.methods.cmoe import expansion_decision, load_balance, top_k_weights
+from evolora.methods.locator import TaskLocator
+
+
+def test_expansion_decision_on_synthetic_frequencies():
+    freqs = [0.10, 0.50, 0.30, 0.05, 0.45]  # mean 0.28, std ~0.18
+    assert expansion_decision(freqs, 0.0) == [1, 2, 4]
+    assert expansion_decision(freqs, 1.0) == [0, 1, 2, 4]  # threshold 0.28 - 0.18 = 0.099: 0.10 is just above
+    assert expansion_decision(freqs, -1.0) == [1]          # only clearly busy layers
+    assert expansion_decision([0.2, 0.2, 0.2], 0.5) == [0, 1, 2]  # all equal and used: all expand
+    assert expansion_decision([0.0, 0.0], 0.5) == []
+
+
+def test_top_k_weights_and_balance_loss():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    weights, probs = top_k_weights(logits, 2)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 1))
+    assert (weights[..., 2:] == 0).all() and weights[0, 0, 0] > weights[0, 0, 1] > 0
+    assert torch.allclose(probs.sum(-1), torch.ones(1, 1))
+    uniform = torch.full((1, 8, 4), 0.25)
+    assert load_balance(uniform, uniform, torch.ones(1, 8)).item() == pytest.approx(1.0)  # balanced: E * E * 1/E^2
+    skewed = torch.zeros(1, 8, 4)
+    skewed[..., 0] = 1
+    assert load_balance(skewed, skewed, torch.ones(1, 8)).item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "vae"])
+def test_locator_separates_clusters_and_z_scoring_handles_scale(kind):
+    torch.manual_seed(0)
+    dim = 24
+    centers = [torch.zeros(dim), torch.full((dim,), 3.0), torch.cat([torch.full((12,), -3.0), torch.zeros(12)])]
+    scales = [0.05, 1.0, 0.3]  # very different spreads: raw distances would favour the widest task
+    locator = TaskLocator(dim, rank=4)
+    tests = []
+    for t, (c, s) in enumerate(zip(centers, scales)):
+        locator.add_task()
+        locator.fit(t, c + s * torch.randn(300, dim))
+        tests.append(c + s * torch.randn(100, dim))
+    for t, x in enumerate(tests):
+        accuracy = (locator.locate(x, kind) == t).float().mean().item()
+        assert accuracy >= 0.97, (kind, t, accuracy)
+
+
+def cmoe_config(tmp_path, tiny_config, **options):
+    options.setdefault("probe_fraction", 0.5)
+    return build_config(tiny_config(tmp_path, "cmoe", method={"options": options}, data={"max_tasks": 3},
+                                    train={"lr": 5e-2}))
+
+
+def test_old_experts_and_routers_unchanged_and_only_new_ones_train(tmp_path, tiny_config):
+    ctx, method = build_context(cmoe_config(tmp_path, tiny_config, expand_alpha=5.0), None)
+    base = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if id(p) in method.base_parameter_ids}
+
+    def stage(s):
+        method.grow(s, ctx)
+        method.before_task(s, ctx)
+        train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
+        method.after_task(s, ctx)
+
+    stage(0)
+    old = [p.detach().clone() for layer in range(len(method.experts.layers))
+           for p in method.experts.expert_parameters(layer, 0)]
+    routers0 = [r[0].weight.detach().clone() for r in method.container.routers]
+    stage(1)
+    assert method.plan[1]["expanded"]  # alpha 5: every layer the probe reached expands
+    now = [p for layer in range(len(method.experts.layers)) for p in method.experts.expert_parameters(layer, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(old, now))
+    assert all(torch.equal(a, r[0].weight) for a, r in zip(routers0, method.container.routers))
+    after = dict(ctx.model.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base)
+    trainable = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
+    assert trainable and all("routers" in n and ".1." in n or "lora_" in n for n in trainable)
+    assert method.experts.num_experts(method.plan[1]["expanded"][0]) == 2
+    # the new expert started as a copy of the layer's most-used expert, then trained away from it
+    layer = method.plan[1]["expanded"][0]
+    assert method.plan[1]["copied_from"][str(layer)] == 0
+
+
+def test_run_save_load_same_predictions_and_predict(tmp_path, tiny_config):
+    from evolora.reload import load_run, predict, read_inputs
+
+    cfg = cmoe_config(tmp_path, tiny_config)
+    record = run(cfg)
+    assert record["locate"]["locator_by_kind"].keys() == {"gaussian", "vae"}
+    assert (tmp_path / "run" / "cmoe_plan.json").is_file()
+    expansion = record["method_metrics"]["expansion"]
+    assert len(expansion) == 3 and expansion[0]["expanded_layers"] == [0, 1]
+    ctx, method = load_run(tmp_path / "run")
+    assert [method.experts.num_experts(i) for i in range(2)] == record["method_metrics"]["experts_per_layer"]
+    inputs = tmp_path / "inputs.jsonl"
+    task = ctx.tasks[1]
+    inputs.write_text("".join(json.dumps({"input": ex.input}) + "\n" for ex in task.test[:3]), encoding="utf-8")
+    first = predict(tmp_path / "run", read_inputs(inputs))
+    second = predict(tmp_path / "run", read_inputs(inputs))
+    assert first == second and all(r["task"] in {t.name for t in ctx.tasks} for r in first)
+    oracle = predict(tmp_path / "run", read_inputs(inputs), task=task.name)
+    assert all(r["task"] == task.name and r["answer"] in task.labels for r in oracle)
+    with pytest.raises(EvoloraError, match="not a task of this run"):
+        predict(tmp_path / "run", read_inputs(inputs), task="nope")
+
+
+def test_predict_bad_file_names_the_line(tmp_path):
+    from evolora.reload import read_inputs
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "fine"}\n{"inpt": "typo"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing key 'input'"):
+        read_inputs(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"input": "fine"}\n{"input": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken.jsonl:2: invalid JSON"):
+        read_inputs(broken)
+
+
+def test_predict_cli_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": 3}\n', encoding="utf-8")
+    run_dir = tmp_path / "missing_run"
+    proc = subprocess.run([sys.executable, "-m", "evolora", "predict", str(run_dir), "--file", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "bad.jsonl:1: 'input' must be a string" in proc.stderr
+
+
+def test_locate_mode_for_a_method_without_locator_is_one_line(tmp_path, tiny_config):
+    cfg = build_config(tiny_config(tmp_path, "seq_lora", eval={"task_id": "locate"}))
+    with pytest.raises(EvoloraError, match="eval.task_id: locate needs a method with a task locator"):
+        run(cfg)
+
+
+def test_moe_cl_in_locate_mode_throughout(tmp_path, tiny_config):
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", eval={"task_id": "locate"}))
+    record = run(cfg)
+    assert all("locator" in s for s in record["stages"]) and record["locate"] is None
