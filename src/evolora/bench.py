@@ -53,8 +53,15 @@ def load_suite(path: Path) -> Suite:
         raise ConfigError(f"{path}: {field}: {first['msg']}") from None
 
 
+def file_stem(label: str) -> str:
+    """A label as a file name: `moe_cl/ffn` -> `moe_cl_ffn`."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", label)
+
+
 def result_path(suite_path: Path, suite: Suite, run: SuiteRun, order: Optional[int] = None) -> Path:
-    stem = run.name.replace(" ", "_") + (f"-order{order}" if order is not None else "")
+    stem = file_stem(run.name) + (f"-order{order}" if order is not None else "")
     return suite_path.parent / suite.results / suite.name / f"{stem}.json"
 
 
@@ -223,7 +230,7 @@ def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> l
     folder = Path(results_root) / suite.name
     first = []
     for entry in suite.runs:
-        stem = entry.name.replace(" ", "_")
+        stem = file_stem(entry.name)
         first += [p for p in sorted(folder.glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
     return first + [p for p in files if p not in first]
 
