@@ -119,6 +119,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
           orders: Optional[str] = typer.Option(None, "--orders", help="Task orders to run, e.g. 1,2,3 (mean ± std)."),
           results_md: Path = typer.Option(Path("docs/RESULTS.md"), "--results-md",
                                           help="Table rebuilt from every results file of the suite's folder."),
+          table_only: bool = typer.Option(False, "--table-only", help="Run nothing; rebuild the table only."),
           ) -> None:
     """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
     from evolora.bench import all_result_files, compare, load_suite, run_suite, write_results
@@ -127,7 +128,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         order_list = [int(x) for x in orders.split(",")] if orders else None
     except ValueError:
         raise EvoloraError(f"--orders: expected comma-separated integers, got {orders!r}") from None
-    done = run_suite(suite, only, log=_echo, orders=order_list)
+    done = [] if table_only else run_suite(suite, only, log=_echo, orders=order_list)
     spec = load_suite(suite)
     files = all_result_files(suite.parent / spec.results, suite)
     _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")
