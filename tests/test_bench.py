@@ -43,3 +43,23 @@ def test_orders_are_aggregated_as_mean_and_std(tmp_path):
         runs.append(path)
     table = results_markdown(runs)
     assert "| seq_lora (2 orders) | 55.0 ± 7.1 |" in table
+
+
+def test_every_shipped_suite_builds_a_valid_config_for_every_run():
+    import json
+    from pathlib import Path
+
+    from evolora.bench import _base_for, load_suite
+    from evolora.config import build_config, load_yaml
+
+    suites = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*_suite.yaml"))
+    assert len(suites) >= 2
+    for path in suites:
+        suite = load_suite(path)
+        base = load_yaml(path.parent / suite.base)
+        labels = [run.name for run in suite.runs]
+        assert len(labels) == len(set(labels)), path
+        for run in suite.runs:
+            build_config(_base_for(base, run.method),
+                         [f"method.name={run.method}", f"method.addons={json.dumps(run.addons)}", *run.set],
+                         source=f"{path} [{run.name}]")
