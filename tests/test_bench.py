@@ -63,3 +63,34 @@ def test_every_shipped_suite_builds_a_valid_config_for_every_run():
             build_config(_base_for(base, run.method),
                          [f"method.name={run.method}", f"method.addons={json.dumps(run.addons)}", *run.set],
                          source=f"{path} [{run.name}]")
+
+
+def test_an_interrupted_suite_run_is_resumed_and_expert_runs_get_oracle_and_locate_rows(tmp_path, tiny_config,
+                                                                                       monkeypatch):
+    import pytest
+
+    import evolora.engine as engine
+
+    base = tiny_config(tmp_path, "moe_cl")
+    base["method"]["options"] = {"locator_vae_steps": 10}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    suite = {"name": "tiny", "base": "base.yaml", "results": "results", "runs_dir": str(tmp_path / "runs"),
+             "runs": [{"method": "moe_cl", "label": "moe_cl/memory=0", "set": ["method.options.memory_per_task=0"]}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    real_train = engine.train_stage
+
+    def crash_in_second_stage(ctx, method, stage, *args, **kwargs):
+        if stage == 1:
+            raise RuntimeError("simulated crash")
+        return real_train(ctx, method, stage, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_stage", crash_in_second_stage)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_suite(tmp_path / "suite.yaml", log=lambda _: None)
+    monkeypatch.setattr(engine, "train_stage", real_train)
+    logs = []
+    done = run_suite(tmp_path / "suite.yaml", log=logs.append)
+    assert any("resuming" in line for line in logs) and any("resumed after stage 1" in line for line in logs)
+    assert done[0].name == "moe_cl_memory=0.json"
+    table = results_markdown(done)
+    assert "| moe_cl/memory=0 (oracle) |" in table and "| moe_cl/memory=0 (locate) |" in table

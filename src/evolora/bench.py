@@ -94,14 +94,28 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
                      f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
         config = build_config(_base_for(base, entry.method), overrides, source=f"{suite_path} [{entry.name}]")
-        log(f"[{entry.name}] running into {run_dir}")
-        metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"))
+        resume = _can_resume(config, run_dir)
+        log(f"[{entry.name}] {'resuming' if resume else 'running into'} {run_dir}")
+        metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"), resume=resume)
         metrics["bench"] = {"suite": suite.name, "label": entry.name, "overrides": overrides,
                             "command": " ".join(["evolora", *sys.argv[1:]]) or "evolora bench",
                             "date": datetime.date.today().isoformat(), "machine": machine_description()}
         atomic.write_json(target, metrics)
         done.append(target)
     return done
+
+
+def _can_resume(config, run_dir: Path) -> bool:
+    """A run folder left by an interrupted suite run with the same config is continued, not restarted."""
+    from evolora.engine import check_resume_config
+    from evolora.errors import EvoloraError
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    try:
+        check_resume_config(config, run_dir)
+    except EvoloraError:
+        return False
+    return True
 
 
 def _base_for(base: dict, method: str) -> dict:
