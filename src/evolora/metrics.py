@@ -49,7 +49,7 @@ def forgetting_per_task(R: Matrix) -> list[Optional[float]]:
     T = len(R)
     out: list[Optional[float]] = []
     for j in range(T - 1):
-        history = [R[l][j] for l in range(j, T - 1)]
+        history = [R[stage][j] for stage in range(j, T - 1)]
         if any(v is None for v in history) or R[-1][j] is None:
             out.append(None)
         else:
