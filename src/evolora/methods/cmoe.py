@@ -45,6 +45,8 @@ class CMoEOptions(LocatorOptions):
     """Probe training steps; none = one pass over `probe_fraction` of the task's examples."""
     balance_weight: float = 0.01
     router_init_std: float = 0.02
+    new_expert_bias: float = 1.0
+    """Initial router bias toward the expert a task adds, so its router starts by using it."""
     seed: int = 0
 
     def __post_init__(self):
@@ -131,8 +133,12 @@ class CMoE(LocatorHooks, Method):
             if layer in step["expanded"]:
                 source = step["copied_from"].get(str(layer))
                 self.experts.add_expert(layer, copy_from=source)
-            router = nn.Linear(self.experts.hidden_size, self.experts.num_experts(layer), bias=False).to(device)
+            router = nn.Linear(self.experts.hidden_size, self.experts.num_experts(layer)).to(device)
             nn.init.normal_(router.weight, std=self.options.router_init_std)
+            nn.init.zeros_(router.bias)
+            if layer in step["expanded"]:
+                with torch.no_grad():
+                    router.bias[-1] = self.options.new_expert_bias
             self.container.routers[layer].append(router)
         self.applied.add(stage)
         self.model.requires_grad_(False)
@@ -160,7 +166,7 @@ class CMoE(LocatorHooks, Method):
             self.plan[stage] = {"expanded": expanded, "frequencies": frequencies,
                                 "copied_from": {str(layer): int(usage[layer].argmax()) for layer in expanded}}
         self._apply(stage)
-        routers = sum(r[stage].weight.numel() for r in self.container.routers)
+        routers = sum(p.numel() for r in self.container.routers for p in r[stage].parameters())
         experts = sum(p.numel() for layer in self.plan[stage]["expanded"]
                       for p in self.experts.expert_parameters(layer, self.experts.num_experts(layer) - 1))
         self.plan[stage]["added_parameters"] = {"experts": experts, "routers": routers}
@@ -182,8 +188,11 @@ class CMoE(LocatorHooks, Method):
         for layer in range(n_layers):
             index = self.experts.add_expert(layer)
             probe_params += self.experts.expert_parameters(layer, index)
-            router = nn.Linear(self.experts.hidden_size, index + 1, bias=False).to(device)
-            nn.init.normal_(router.weight, std=opts.router_init_std)
+            # Near-zero start: which layers end up routing to the probe is decided by training, not by the
+            # initial weights (a tiny spread only breaks ties).
+            router = nn.Linear(self.experts.hidden_size, index + 1).to(device)
+            nn.init.normal_(router.weight, std=1e-3)
+            nn.init.zeros_(router.bias)
             self.probe_routers.append(router)
         for p in probe_params + list(self.probe_routers.parameters()):
             p.requires_grad_(True)
@@ -242,7 +251,7 @@ class CMoE(LocatorHooks, Method):
             if not len(routers):
                 return None
             router = routers[min(self.router_task, len(routers) - 1)]
-        logits = x @ router.weight.to(x.dtype).T
+        logits = x @ router.weight.to(x.dtype).T + router.bias.to(x.dtype)
         weights, probs = top_k_weights(logits.float(), self.options.top_k)
         if self.model.training or self.probing:
             self.balance.append((probs, weights))
