@@ -113,6 +113,14 @@ def write_report(run_dir: Path) -> Path:
     m = metrics["metrics"]
     rows = "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k), 2)}</td></tr>"
                    for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "zero_shot_mean", "drift_pct") if k in m)
+    locate = metrics.get("locate")
+    locate_html = ""
+    if locate:
+        per_task = ", ".join(f"{html.escape(k)} {v:.1f} %" for k, v in locate["locator_per_task"].items())
+        kinds = ", ".join(f"{k} {v:.1f} %" for k, v in locate["locator_by_kind"].items())
+        locate_html = (f"<h2>Without task ids</h2><p>final model, experts chosen by the task locator "
+                       f"({html.escape(locate['locator_kind'])}): AP {locate['AP']:.2f}; located correctly: {per_task}. "
+                       f"Locator accuracy by density model: {kinds}.</p>")
     general = metrics.get("general")
     general_html = ""
     if general:
@@ -142,7 +150,7 @@ stream <b>{html.escape(metrics['stream']['name'])}</b> (order {metrics['stream']
 <h2>Metrics (points, 0-100)</h2><table><tr><th>metric</th><th>value</th></tr>{rows}</table>
 <h2>Accuracy matrix R</h2>{img(heatmap)}<pre>{html.escape(matrix_text(metrics))}</pre>
 <h2>Accuracy over the stream</h2>{img(over_time)}
-{general_html}
+{general_html}{locate_html}
 <h2>Per task</h2><table><tr><th>task</th><th>zero-shot</th><th>final</th><th>forgetting</th></tr>{per_task}</table>
 <h2>Training</h2><table><tr><th>stage</th><th>tasks</th><th>steps</th><th>final loss</th><th>tokens/s</th>
 <th>train s</th><th>eval s</th></tr>{stages}</table>
