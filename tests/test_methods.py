@@ -118,3 +118,27 @@ def test_gradient_accumulation_counts_updates(tmp_path, tiny_config):
     metrics = run(build_config(tiny_config(tmp_path, train={"grad_accum": 3, "batch_size": 2})))
     for stage in metrics["stages"]:
         assert stage["train"]["updates"] == -(-stage["train"]["steps"] // 3)
+
+
+def test_answer_loss_of_an_input_only_batch_is_zero_not_nan():
+    import torch
+
+    from evolora.data.prompting import IGNORE
+    from evolora.engine import answer_loss
+
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    loss = answer_loss(logits, torch.full((2, 2), IGNORE))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_addons_wrap_a_method_without_hiding_it(tmp_path, tiny_config):
+    from evolora.config import build_config
+    from evolora.methods import build_method
+
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"addons": {"gere": {"num_texts": 2}}}))
+    method = build_method(cfg.method)
+    assert method.name == "moe_cl+gere"
+    assert method.has_locator and method.options.locator == "gaussian"
+    method.base_parameter_ids = {1, 2}
+    assert method.method.base_parameter_ids == {1, 2}
