@@ -48,7 +48,7 @@ def method_section(spec: str) -> dict:
     names, _, opts = spec.partition(":")
     method, *addons = names.split("+")
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in opts.split(",") if item)}
-    gere = {"texts": str(GENERAL)} if GENERAL.is_file() else {"num_texts": 16}
+    gere = {"texts": str(GENERAL), "num_texts": 64} if GENERAL.is_file() else {"num_texts": 16}  # the step cost does not depend on the count
     return {"name": method, "options": options, "addons": {a: (gere if a == "gere" else {}) for a in addons}}
 
 
