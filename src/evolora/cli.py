@@ -132,11 +132,11 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     spec = load_suite(suite)
     files = all_result_files(suite.parent / spec.results, suite)
     _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")
-    if done:
+    if files:  # the comparison covers every finished run of the suite, like the table
         import json
 
-        plots = compare([json.loads(p.read_text()) for p in done], suite.parent / spec.results / spec.name / "comparison")
-        _echo(f"comparison: {plots['markdown']}, {plots['bars']}, {plots['heatmaps']}")
+        plots = compare([json.loads(p.read_text()) for p in files], suite.parent / spec.results / spec.name / "comparison")
+        _echo("comparison: " + ", ".join(str(p) for p in plots.values()))
 
 
 @app.command("compare")
