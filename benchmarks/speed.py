@@ -134,6 +134,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     for model_name in args.models:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)  # models of another dtype need another mixed-precision setting
         print(f"\n== {model_name} (threads {torch.get_num_threads()}) ==")
         reference = plain_peft_tokens_per_s(model_name, args.batch, args.steps)
         print(f"plain PEFT LoRA step: {reference:.0f} tokens/s (reference = 1.00)")
