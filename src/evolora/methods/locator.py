@@ -153,16 +153,19 @@ class TaskLocator(nn.Module):
 
     @torch.no_grad()
     def scores(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
-        """[N, tasks] z-scored density scores (lower = more likely that task)."""
+        """[N, tasks] z-scored density scores (lower = more likely that task), always in fp32 (an
+        enclosing bf16 autocast would otherwise change close calls)."""
         models = self.gaussian if kind == "gaussian" else self.vae
-        return torch.stack([m.score(features) for m in models], dim=-1)
+        with torch.autocast(features.device.type, enabled=False):
+            return torch.stack([m.score(features.float()) for m in models], dim=-1)
 
     def locate(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
         return self.scores(features, kind).argmin(-1)
 
     @torch.no_grad()
     def score_task(self, task: int, features: torch.Tensor, kind: Kind) -> torch.Tensor:
-        return (self.gaussian if kind == "gaussian" else self.vae)[task].score(features)
+        with torch.autocast(features.device.type, enabled=False):
+            return (self.gaussian if kind == "gaussian" else self.vae)[task].score(features.float())
 
 
 class LocatorHooks:
