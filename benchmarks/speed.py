@@ -48,7 +48,8 @@ def method_section(spec: str) -> dict:
     names, _, opts = spec.partition(":")
     method, *addons = names.split("+")
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in opts.split(",") if item)}
-    gere = {"texts": str(GENERAL), "num_texts": 64} if GENERAL.is_file() else {"num_texts": 16}  # the step cost does not depend on the count
+    # GeRe's step cost does not depend on how many general texts it holds: 64 keep its setup short.
+    gere = {"texts": str(GENERAL), "num_texts": 64} if GENERAL.is_file() else {"num_texts": 16}
     return {"name": method, "options": options, "addons": {a: (gere if a == "gere" else {}) for a in addons}}
 
 

@@ -128,7 +128,8 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         order_list = [int(x) for x in orders.split(",")] if orders else None
     except ValueError:
         raise EvoloraError(f"--orders: expected comma-separated integers, got {orders!r}") from None
-    done = [] if table_only else run_suite(suite, only, log=_echo, orders=order_list)
+    if not table_only:
+        run_suite(suite, only, log=_echo, orders=order_list)
     spec = load_suite(suite)
     files = all_result_files(suite.parent / spec.results, suite)
     _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")

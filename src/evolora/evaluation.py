@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evolora.data.batching import left_pad
+from evolora.data.batching import left_pad, right_pad
 from evolora.data.prompting import PromptBuilder
 from evolora.data.tasks import Task
 
@@ -136,14 +136,7 @@ def perplexity(model, sequences: list[list[int]], pad_id: int, device: torch.dev
     order = sorted(range(len(mine)), key=lambda i: len(mine[i]))
     nll, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        seqs = [mine[i] for i in order[start:start + batch_size]]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = right_pad([mine[i] for i in order[start:start + batch_size]], pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,

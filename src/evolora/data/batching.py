@@ -39,6 +39,17 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask, positions
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole sequences (for perplexity and general replay), padded on the right: ids and mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def collate_train(items: list[Encoded], pad_id: int) -> Batch:
     ids, mask, positions = left_pad([it.input_ids for it in items], pad_id)
     answer_lens = [len(it.input_ids) - it.prompt_len for it in items]

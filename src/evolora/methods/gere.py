@@ -27,6 +27,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from evolora.data.batching import right_pad
 from evolora.methods.addons import AddOn
 from evolora.methods.registry import register_addon
 
@@ -154,16 +155,6 @@ def general_texts(options: GeReOptions, model, ctx) -> list[str]:
         texts = synthesize_texts(model, ctx.tokenizer, options.num_texts, options.max_tokens, options.seed, ctx.device)
     atomic.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
     return texts
-
-
-def right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 # --- the add-on -------------------------------------------------------------------------------------
