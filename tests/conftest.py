@@ -36,3 +36,15 @@ def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "cl_benchmark").is_dir():
         pytest.skip("../shared/data is not beside the project")
     return SHARED_DATA
+
+
+def train_through(ctx, method, stop, start=0):
+    """Stages start..stop-1 through the method's hooks, as the engine runs them (no evaluation)."""
+    from evolora.engine import StepLog, train_stage
+
+    for stage in range(start, stop):
+        method.grow(stage, ctx)
+        method.before_task(stage, ctx)
+        examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
+        train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
+        method.after_task(stage, ctx)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import train_through
 
 from evolora.config import build_config
 from evolora.engine import StepLog, build_context, run, train_stage
@@ -13,15 +14,6 @@ from evolora.methods.olora import orthogonality
 def stage_context(tmp_path, tiny_config, method, **options):
     cfg = build_config(tiny_config(tmp_path, method, method={"options": options}, data={"max_tasks": 3}))
     return build_context(cfg, None)
-
-
-def train_through(ctx, method, stages):
-    for stage in range(stages):
-        method.grow(stage, ctx)
-        method.before_task(stage, ctx)
-        examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
-        train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
-        method.after_task(stage, ctx)
 
 
 def snapshot(model, needle):

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import train_through
 
 from evolora.config import build_config
-from evolora.engine import StepLog, build_context, run, train_stage
+from evolora.engine import build_context, run
 from evolora.errors import DataError, EvoloraError
 from evolora.methods.cmoe import expansion_decision, load_balance, top_k_weights
 from evolora.methods.locator import TaskLocator
@@ -61,17 +62,11 @@ def test_old_experts_and_routers_unchanged_and_only_new_ones_train(tmp_path, tin
     ctx, method = build_context(cmoe_config(tmp_path, tiny_config, expand_alpha=5.0), None)
     base = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if id(p) in method.base_parameter_ids}
 
-    def stage(s):
-        method.grow(s, ctx)
-        method.before_task(s, ctx)
-        train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
-        method.after_task(s, ctx)
-
-    stage(0)
+    train_through(ctx, method, 1)
     old = [p.detach().clone() for layer in range(len(method.experts.layers))
            for p in method.experts.expert_parameters(layer, 0)]
     routers0 = [r[0].weight.detach().clone() for r in method.container.routers]
-    stage(1)
+    train_through(ctx, method, 2, start=1)
     assert method.plan[1]["expanded"]  # alpha 5: every layer the probe reached expands
     now = [p for layer in range(len(method.experts.layers)) for p in method.experts.expert_parameters(layer, 0)]
     assert all(torch.equal(a, b) for a, b in zip(old, now))

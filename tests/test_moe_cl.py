@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from conftest import train_through
 
 from evolora.config import build_config
 from evolora.data.batching import collate_train
-from evolora.engine import StepLog, build_context, run, train_stage
+from evolora.engine import build_context, run
 from evolora.errors import ConfigError
 from evolora.methods.moe_cl import GradientReversal
 
@@ -14,15 +15,6 @@ def moe_context(tmp_path, tiny_config, **options):
     options.setdefault("memory_per_task", 4)
     cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": options}, data={"max_tasks": 3}))
     return build_context(cfg, tmp_path / "run")
-
-
-def train_through(ctx, method, stages):
-    for stage in range(stages):
-        method.grow(stage, ctx)
-        method.before_task(stage, ctx)
-        examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
-        train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
-        method.after_task(stage, ctx)
 
 
 def expert_snapshot(method, expert):
@@ -47,7 +39,7 @@ def test_old_experts_gates_and_base_unchanged_after_a_later_task(tmp_path, tiny_
     gate0 = [g[0].weight.detach().clone() for g in method.container.gates]
     shared = expert_snapshot(method, 0)
     assert any(p.abs().sum() > 0 for p in task0[1::2])  # B matrices moved off zero: the expert learned
-    train_through_stage(ctx, method, 1)
+    train_through(ctx, method, 2, start=1)
     assert all(torch.equal(a, b) for a, b in zip(task0, expert_snapshot(method, 1)))
     assert all(torch.equal(a, g[0].weight) for a, g in zip(gate0, method.container.gates))
     after = dict(ctx.model.named_parameters())
@@ -56,13 +48,6 @@ def test_old_experts_gates_and_base_unchanged_after_a_later_task(tmp_path, tiny_
     trainable = {id(p) for p in ctx.model.parameters() if p.requires_grad}
     assert {id(p) for p in method.experts.expert_parameters(0, 2)} <= trainable
     assert not {id(p) for p in method.experts.expert_parameters(0, 1)} & trainable
-
-
-def train_through_stage(ctx, method, stage):
-    method.grow(stage, ctx)
-    examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
-    train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
-    method.after_task(stage, ctx)
 
 
 def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config):
