@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from evolora.methods.base import Method, check_target_modules
+from evolora.methods.base import Method
 from evolora.methods.experts import ExpertModel
 from evolora.methods.locator import LocatorHooks, LocatorOptions
 from evolora.methods.registry import register
@@ -93,10 +93,8 @@ class CMoE(LocatorHooks, Method):
 
     def setup(self, model, ctx):
         opts = self.options
-        check_target_modules(model, opts.target_modules)
-        model.requires_grad_(False)
         self.model = model
-        self.experts = ExpertModel(model, list(opts.target_modules), opts.r, opts.alpha, self._weights)
+        self.experts = ExpertModel.install(model, opts, self._weights)
         n_layers = len(self.experts.layers)
         container = nn.Module()
         container.routers = nn.ModuleList([nn.ModuleList() for _ in range(n_layers)])

@@ -111,6 +111,16 @@ class ExpertModel:
             self.linears.append(found)
             layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
 
+    @classmethod
+    def install(cls, model: nn.Module, options, weights_fn) -> "ExpertModel":
+        """Freezes the whole model and installs experts over `options.target_modules` (LoRA rank and
+        alpha from the options); a target the model does not have is a one-line config error."""
+        from evolora.methods.base import check_target_modules
+
+        check_target_modules(model, options.target_modules)
+        model.requires_grad_(False)
+        return cls(model, list(options.target_modules), options.r, options.alpha, weights_fn)
+
     def _make_hook(self, index: int):
         def hook(module, args, kwargs):
             if self.off:

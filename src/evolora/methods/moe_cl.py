@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.data.prompting import Encoded
-from evolora.methods.base import Method, check_target_modules
+from evolora.methods.base import Method
 from evolora.methods.experts import ExpertModel, decoder_layers
 from evolora.methods.locator import LocatorHooks, LocatorOptions
 from evolora.methods.registry import register
@@ -107,11 +107,9 @@ class MoECL(LocatorHooks, Method):
 
     def setup(self, model, ctx):
         opts = self.options
-        check_target_modules(model, opts.target_modules)
-        model.requires_grad_(False)
         self.model = model
         self.num_tasks = len(ctx.tasks)
-        self.experts = ExpertModel(model, list(opts.target_modules), opts.r, opts.alpha, self._weights)
+        self.experts = ExpertModel.install(model, opts, self._weights)
         n_layers, hidden = len(self.experts.layers), self.experts.hidden_size
         for layer in range(n_layers):
             self.experts.add_expert(layer)  # the shared expert, index 0
