@@ -58,7 +58,9 @@ def score_candidates(model, prompts: list[list[int]], candidates: list[list[int]
         batch_scores = first[:, cand_ids[:, 0]]
         if cand_len > 1:
             b = len(idx)
-            cache = out.past_key_values
+            # transformers >= 5.2x renamed past_key_values to cache (outputs and forward kwarg alike).
+            cache_key = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+            cache = getattr(out, cache_key)
             cache.batch_repeat_interleave(n_cand)
             cont = cand_ids[:, :-1].repeat(b, 1)
             cont_mask = cand_mask[:, :-1].repeat(b, 1)
@@ -66,7 +68,7 @@ def score_candidates(model, prompts: list[list[int]], candidates: list[list[int]
             cont_pos = positions[:, -1:].repeat_interleave(n_cand, dim=0) + 1 + \
                 torch.arange(cand_len - 1, device=device)
             out2 = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{cache_key: cache})
             logp = torch.log_softmax(out2.logits.float(), dim=-1)
             targets = cand_ids[:, 1:].repeat(b, 1)
             token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * cand_mask[:, 1:].repeat(b, 1)
