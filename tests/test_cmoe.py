@@ -140,3 +140,23 @@ def test_moe_cl_in_locate_mode_throughout(tmp_path, tiny_config):
     cfg = build_config(tiny_config(tmp_path, "moe_cl", eval={"task_id": "locate"}))
     record = run(cfg)
     assert all("locator" in s for s in record["stages"]) and record["locate"] is None
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_locator_feature_is_the_unpadded_hidden_state(tmp_path, tiny_config, pool):
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"name": "moe_cl",
+                                                              "options": {"locator_pool": pool}}))
+    ctx, method = build_context(cfg, None, log=lambda _: None)
+    prompts = [ctx.prompts.encode_prompt(ctx.tasks[0], ex, 0).input_ids for ex in ctx.tasks[0].test[:3]]
+    assert len({len(p) for p in prompts}) > 1  # batched with left padding
+    batched = method.features(ctx, prompts)
+    with torch.no_grad(), method.experts.disabled():
+        for row, ids in zip(batched, prompts):
+            hidden = ctx.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            expected = hidden.mean(0) if pool == "mean" else hidden[-1]
+            torch.testing.assert_close(row, expected.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_locator_pool_is_one_line(tmp_path, tiny_config):
+    with pytest.raises(EvoloraError, match="locator_pool"):
+        build_config(tiny_config(tmp_path, "cmoe", method={"name": "cmoe", "options": {"locator_pool": "max"}}))

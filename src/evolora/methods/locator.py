@@ -30,6 +30,8 @@ class LocatorOptions(LoraOptions):
     """The density model that routes in `locate` mode (both are fitted and measured)."""
     locator_layer: int = -1
     """Hidden-state index of the base model's feature; -1 = the final (normed) state."""
+    locator_pool: Literal["last", "mean"] = "last"
+    """The feature of a prompt: its last token's hidden state, or the mean over all its tokens."""
     locator_rank: int = 16
     locator_fit_examples: int = 200
     """Train prompts per task the locator is fitted on."""
@@ -39,6 +41,8 @@ class LocatorOptions(LoraOptions):
         super().__post_init__()
         if self.locator_rank < 1 or self.locator_fit_examples < 2 or self.locator_vae_steps < 1:
             raise ValueError("need locator_rank >= 1, locator_fit_examples >= 2, locator_vae_steps >= 1")
+        if self.locator_pool not in ("last", "mean"):
+            raise ValueError(f"locator_pool must be 'last' or 'mean', not {self.locator_pool!r}")
 
 
 def _frozen(*shape) -> nn.Parameter:
@@ -188,7 +192,8 @@ class LocatorHooks:
 
     @torch.no_grad()
     def features(self, ctx, prompt_ids: list[list[int]]) -> torch.Tensor:
-        """The frozen base model's hidden state of each prompt's last token, experts off: [N, d]."""
+        """The frozen base model's hidden state of each prompt (last token or mean over tokens, per
+        `locator_pool`), experts off: [N, d]."""
         from evolora.data.batching import left_pad
 
         model = ctx.model
@@ -203,7 +208,13 @@ class LocatorHooks:
                                                                           ctx.tokenizer.pad_token_id))
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
                             logits_to_keep=1)
-                rows.append((idx, out.hidden_states[self.options.locator_layer][:, -1].float().cpu()))
+                hidden = out.hidden_states[self.options.locator_layer].float()
+                if self.options.locator_pool == "mean":
+                    weights = mask.unsqueeze(-1).float()
+                    pooled = (hidden * weights).sum(1) / weights.sum(1)
+                else:
+                    pooled = hidden[:, -1]
+                rows.append((idx, pooled.cpu()))
         feats = torch.empty(len(prompt_ids), model.config.hidden_size)
         for idx, block in rows:
             feats[idx] = block
