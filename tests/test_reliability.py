@@ -219,3 +219,65 @@ def test_pickle_only_model_folder_is_refused(tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"not really")
     with pytest.raises(EvoloraError, match="holds only pickle weights"):
         load_model(ModelConfig(name=str(folder)))
+
+
+class CrashedInEvaluation(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method_name", ["seq_lora", "cmoe"])
+def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_path, tiny_config, monkeypatch,
+                                                                         method_name):
+    import evolora.engine as engine
+
+    raw = tiny_config(tmp_path, method_name, output={"keep_checkpoints": "last"})
+    reference = run(build_config({**raw, "output": {**raw["output"], "dir": str(tmp_path / "ref")}}))
+
+    real_evaluate_row = engine.evaluate_row
+    calls = {"n": 0}
+
+    def crashing_evaluate_row(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # stage 2's evaluation, after its checkpoint was saved
+            raise CrashedInEvaluation()
+        return real_evaluate_row(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate_row", crashing_evaluate_row)
+    with pytest.raises(CrashedInEvaluation):
+        run(build_config(raw))
+    run_dir = tmp_path / "run"
+    progress = read_progress(run_dir)
+    assert len(progress["R"]) == 1 and progress["trained"]["stage"] == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["stage-02.safetensors"]
+
+    monkeypatch.setattr(engine, "evaluate_row", real_evaluate_row)
+    monkeypatch.setattr(engine, "train_stage", lambda *a, **k: pytest.fail("a trained stage was trained again"))
+    logs = []
+    resumed = engine.run(build_config(raw), resume=True, log=logs.append)
+    assert any("stage 2 was trained and is evaluated now" in line for line in logs)
+    assert comparable(resumed) == comparable(reference)
+    assert resumed["stages"][1]["train"]["steps"] == reference["stages"][1]["train"]["steps"]
+    assert read_progress(run_dir)["trained"] is None
+
+
+def test_crash_before_progress_names_the_new_checkpoint_keeps_the_previous_one(tmp_path, tiny_config,
+                                                                               monkeypatch):
+    import evolora.engine as engine
+
+    raw = tiny_config(tmp_path, output={"keep_checkpoints": "last"}, train={"checkpoint_every": 0})
+    real_write_progress = engine.write_progress
+
+    def crashing_write_progress(run_dir, progress):
+        if progress["trained"] is not None and progress["trained"]["stage"] == 1:
+            raise CrashedInEvaluation()  # the process dies just after stage 2's checkpoint was written
+        real_write_progress(run_dir, progress)
+
+    monkeypatch.setattr(engine, "write_progress", crashing_write_progress)
+    with pytest.raises(CrashedInEvaluation):
+        run(build_config(raw))
+    run_dir = tmp_path / "run"
+    assert (checkpoint_path(run_dir, 0)).is_file()  # still there: progress.json resumes from it
+    monkeypatch.setattr(engine, "write_progress", real_write_progress)
+    logs = []
+    assert engine.run(build_config(raw), resume=True, log=logs.append)["complete"]
+    assert any("resumed after stage 1/2" in line and "was trained" not in line for line in logs)

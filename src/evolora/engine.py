@@ -420,9 +420,14 @@ def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> str:
     names = [ctx.tasks[i].name for i in ctx.stages[stage]]
     digest = save_tensors(path, method.checkpoint_state(ctx.model),
                           {"stage": str(stage), "tasks": ",".join(names), "method": method.name})
+    return digest
+
+
+def drop_superseded_checkpoint(ctx: RunContext, stage: int) -> None:
+    """With keep_checkpoints=last, removes the previous stage's checkpoint — called only once progress.json
+    names the new one, so a crash in between always leaves a checkpoint that progress.json can resume from."""
     if ctx.config.output.keep_checkpoints == "last" and stage > 0:
         checkpoint_path(ctx.run_dir, stage - 1).unlink(missing_ok=True)
-    return digest
 
 
 def load_checkpoint(ctx: RunContext, method: Method, path: Path, sha256: Optional[str] = None) -> None:
@@ -528,16 +533,24 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     completed = len(R)
     previous_s = timings.get("total_s", 0.0)
 
-    if completed:  # rebuild the structure of the finished stages, then load the last one's tensors
-        for stage in range(completed):
+    # A stage whose training finished and whose checkpoint was saved, but whose evaluation did not: resume
+    # loads that checkpoint and redoes only the evaluation.
+    trained: Optional[dict] = progress.get("trained")
+    if trained is not None and (trained["stage"] != completed
+                                or not checkpoint_path(run_dir, completed).is_file()):
+        trained = None
+    loaded = completed + (trained is not None)
+    if loaded:  # rebuild the structure of the finished stages, then load the last one's tensors
+        for stage in range(loaded):
             method.grow(stage, ctx)
-        path = checkpoint_path(run_dir, completed - 1)
+        path = checkpoint_path(run_dir, loaded - 1)
         load_checkpoint(ctx, method, path, checksums.get(path.name))
-        log(f"resumed after stage {completed}/{len(ctx.stages)}")
+        log(f"resumed after stage {completed}/{len(ctx.stages)}"
+            + (f"; stage {loaded} was trained and is evaluated now" if trained else ""))
     step_state = read_step_state(run_dir)
     step_log = StepLog(run_dir if is_main else None, config.output.tensorboard)
     if step_log.path and step_log.path.is_file():
-        _trim_step_log(step_log.path, completed, step_state)
+        _trim_step_log(step_log.path, loaded, step_state)
 
     def save_progress(complete: bool) -> dict:
         timings["total_s"] = previous_s + time.perf_counter() - started
@@ -546,8 +559,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         record["locate"] = locate_record
         if is_main:
             write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "locate": locate_record,
-                                     "R": R,
-                                     "stages": stage_records,
+                                     "R": R, "stages": stage_records, "trained": trained,
                                      "checkpoints": checksums, "global_step": global_step, "timings": timings})
             guarded_write(run_dir / "metrics.json", lambda: atomic.write_json(run_dir / "metrics.json", record))
         return record
@@ -555,19 +567,28 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     continual = all(len(s) == 1 for s in ctx.stages)
     for stage in range(completed, len(ctx.stages)):
         task_indices = ctx.stages[stage]
-        method.grow(stage, ctx)
-        method.before_task(stage, ctx)
-        examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
-        examples = method.training_examples(stage, examples, ctx)
-        resume_from = step_state if step_state and step_state["stage"] == stage else None
-        if resume_from:
-            log(f"resuming stage {stage + 1} after step {resume_from['step']}")
-        train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
-        global_step += train_stats["steps"]
-        method.after_task(stage, ctx)
-        if is_main:
-            path = checkpoint_path(run_dir, stage)
-            checksums[path.name] = save_checkpoint(ctx, method, stage)
+        if trained is not None and trained["stage"] == stage:
+            train_stats = trained["train"]
+        else:
+            method.grow(stage, ctx)
+            method.before_task(stage, ctx)
+            examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
+            examples = method.training_examples(stage, examples, ctx)
+            resume_from = step_state if step_state and step_state["stage"] == stage else None
+            if resume_from:
+                log(f"resuming stage {stage + 1} after step {resume_from['step']}")
+            train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
+            global_step += train_stats["steps"]
+            method.after_task(stage, ctx)
+            if is_main:
+                path = checkpoint_path(run_dir, stage)
+                checksums[path.name] = save_checkpoint(ctx, method, stage)
+            trained = {"stage": stage, "train": train_stats}
+            save_progress(complete=False)
+            if is_main:
+                clear_step_state(run_dir)
+                drop_superseded_checkpoint(ctx, stage)
+        step_state = None
 
         t0 = time.perf_counter()
         policy = config.eval.future_tasks if continual else "all"
@@ -580,10 +601,8 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         R.append(row)
         stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s,
                               **({"locator": info["locator"]} if info["locator"] else {})})
+        trained = None
         save_progress(complete=False)
-        if is_main:
-            clear_step_state(run_dir)
-        step_state = None
         log(f"stage {stage + 1}/{len(ctx.stages)} [{', '.join(names[i] for i in task_indices)}]: "
             f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
             f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
