@@ -142,17 +142,20 @@ def test_moe_cl_in_locate_mode_throughout(tmp_path, tiny_config):
     assert all("locator" in s for s in record["stages"]) and record["locate"] is None
 
 
-@pytest.mark.parametrize("pool", ["last", "mean"])
-def test_locator_feature_is_the_unpadded_hidden_state(tmp_path, tiny_config, pool):
-    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"name": "moe_cl",
-                                                              "options": {"locator_pool": pool}}))
+@pytest.mark.parametrize("pool,layer", [("last", -1), ("mean", None), ("mean", 0)])
+def test_locator_feature_is_the_unpadded_hidden_state(tmp_path, tiny_config, pool, layer):
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"name": "moe_cl", "options": {
+        "locator_pool": pool, "locator_layer": layer}}))
     ctx, method = build_context(cfg, None, log=lambda _: None)
+    n_layers = ctx.model.config.num_hidden_layers
+    assert method.locator_layer == (round(2 * n_layers / 3) if layer is None else layer)
     prompts = [ctx.prompts.encode_prompt(ctx.tasks[0], ex, 0).input_ids for ex in ctx.tasks[0].test[:3]]
     assert len({len(p) for p in prompts}) > 1  # batched with left padding
     batched = method.features(ctx, prompts)
     with torch.no_grad(), method.experts.disabled():
         for row, ids in zip(batched, prompts):
-            hidden = ctx.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            out = ctx.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            hidden = out.hidden_states[method.locator_layer][0]
             expected = hidden.mean(0) if pool == "mean" else hidden[-1]
             torch.testing.assert_close(row, expected.float(), atol=1e-4, rtol=1e-4)
 
@@ -160,3 +163,27 @@ def test_locator_feature_is_the_unpadded_hidden_state(tmp_path, tiny_config, poo
 def test_unknown_locator_pool_is_one_line(tmp_path, tiny_config):
     with pytest.raises(EvoloraError, match="locator_pool"):
         build_config(tiny_config(tmp_path, "cmoe", method={"name": "cmoe", "options": {"locator_pool": "max"}}))
+
+
+def test_locator_layer_out_of_range_is_one_line(tmp_path, tiny_config):
+    cfg = build_config(tiny_config(tmp_path, "cmoe", method={"name": "cmoe", "options": {"locator_layer": 9}}))
+    with pytest.raises(EvoloraError, match=r"method.options.locator_layer: 9 is out of range for a model with 2 "):
+        build_context(cfg, None, log=lambda _: None)
+
+
+def test_eval_refits_the_locator_with_new_options_as_fitting_during_the_run_would(tmp_path, tiny_config):
+    from evolora.reload import evaluate_run
+
+    options = {"locator_pool": "mean", "locator_layer": 1, "locator_rank": 4}
+    first = tiny_config(tmp_path / "a", "cmoe", method={"options": {"locator_pool": "last", "locator_layer": -1}})
+    run(build_config(first))
+    direct = run(build_config(tiny_config(tmp_path / "b", "cmoe", method={"options": options})))
+    refit = evaluate_run(tmp_path / "a" / "run", ["eval.task_id=locate"]
+                         + [f"method.options.{k}={v}" for k, v in options.items()])
+    assert refit["locator"] == pytest.approx(direct["locate"]["locator"])
+    assert refit["locator_by_kind"] == pytest.approx(direct["locate"]["locator_by_kind"])
+    assert refit["mean"] == pytest.approx(direct["locate"]["AP"])
+    assert refit["overrides"][0] == "eval.task_id=locate"
+    run(build_config(tiny_config(tmp_path / "c")))
+    with pytest.raises(EvoloraError, match="method.options.locator_pool: unknown option for seq_lora"):
+        evaluate_run(tmp_path / "c" / "run", ["method.options.locator_pool=mean"])

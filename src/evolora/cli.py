@@ -51,14 +51,23 @@ def _finish(metrics: dict, run_dir: Path) -> None:
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
           mode: Optional[str] = typer.Option(None, help="loglik or generate (default: the run's)."),
+          task_id: Optional[str] = typer.Option(None, "--task-id", help="Expert methods: oracle or locate "
+                                                "(default: the run's)."),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE over the run's config; "
+                                                   "method.options.locator* refits the task locator."),
           ) -> None:
     """Re-evaluate a finished run's final model on every task of its stream."""
     from evolora.reload import evaluate_run
 
-    overrides = [f"eval.mode={mode}"] if mode else []
+    overrides = ([f"eval.mode={mode}"] if mode else []) + ([f"eval.task_id={task_id}"] if task_id else []) \
+        + list(set_ or [])
     result = evaluate_run(run_dir, overrides)
+    located = result.get("locator_per_task", {})
     for name, acc in result["accuracy"].items():
-        _echo(f"{name:>24}  {acc:6.1f}")
+        _echo(f"{name:>24}  {acc:6.1f}" + (f"   located {located[name]:5.1f} %" if name in located else ""))
+    if "locator" in result:
+        _echo(f"locator accuracy {result['locator']:.1f} % ("
+              + ", ".join(f"{k} {v:.1f} %" for k, v in result["locator_by_kind"].items()) + ")")
     _echo(f"mean {result['mean']:.2f}  (written to {Path(run_dir) / 'eval.json'})")
 
 

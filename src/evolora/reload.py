@@ -10,32 +10,53 @@ import torch
 from evolora import atomic
 from evolora.data.tasks import Example
 from evolora.config import load_config
-from evolora.engine import build_context, checkpoint_path, evaluate_row, load_checkpoint
+from evolora.engine import build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint
 from evolora.errors import EvoloraError
-from evolora.state import read_progress
+from evolora.state import load_tensors, read_progress
+
+
+LOCATOR_MODULE = "task_locator."
 
 
 def load_run(run_dir: Path, overrides: list[str] = ()):
+    """The finished run's model. Overrides of `method.options.locator*` refit the task locator with the new
+    options: its features come from the frozen base model and each task's train inputs, so a refit after
+    the run gives what fitting during the run would have."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml", overrides)
     ctx, method = build_context(config, run_dir, log=lambda _: None)
     progress = read_progress(run_dir) or {}
     if len(progress.get("R", [])) != len(ctx.stages):
         raise EvoloraError(f"{run_dir}: the run has not finished (resume it with evolora run --resume)")
+    refit = any(o.split("=", 1)[0].strip().startswith("method.options.locator") for o in overrides)
     path = checkpoint_path(run_dir, len(ctx.stages) - 1)
     for stage in range(len(ctx.stages)):
         method.grow(stage, ctx)
-    load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name))
+    if refit:
+        state = {k: v for k, v in load_tensors(path, progress.get("checkpoints", {}).get(path.name)).items()
+                 if not k.startswith(LOCATOR_MODULE)}
+        method.load_checkpoint_state(ctx.model, state)
+        for stage in range(len(ctx.stages)):
+            method.fit_locator(stage, ctx)
+    else:
+        load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name))
     ctx.model.eval()
     return ctx, method
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     ctx, method = load_run(run_dir, overrides)
-    row, info = evaluate_row(ctx, method, list(range(len(ctx.tasks))), ctx.config.eval.task_id)
+    if ctx.config.eval.task_id == "locate":
+        located = evaluate_located_final(ctx, method)
+        row = located["R_final"]
+        extra = {"locator": located["locator"], "locator_per_task": located["locator_per_task"],
+                 "locator_by_kind": located["locator_by_kind"]}
+    else:
+        row, _ = evaluate_row(ctx, method, list(range(len(ctx.tasks))), "oracle")
+        extra = {}
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
-              "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id,
-              **({"locator": info["locator"]} if info["locator"] else {})}
+              "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
+              **extra}
     atomic.write_json(Path(run_dir) / "eval.json", result)
     return result
 

@@ -1,10 +1,10 @@
 """Task locator (after LLaVA-CMoE's probabilistic task locator, arXiv 2503.21227): which task does an
 input belong to, so expert methods need no task id at inference.
 
-The feature of an input is the frozen base model's hidden state of its last prompt token (layer
-configurable). After each task, a density model of that task's train features is fitted; an input's
-score under task t is z-scored with t's own training scores (so tasks of different spread compare), and
-the lowest z wins. Two density models:
+The feature of an input is the frozen base model's hidden state at one layer (default two-thirds of the
+depth), averaged over the prompt's tokens (or the last token's). After each task, a density model of that
+task's train features is fitted; an input's score under task t is z-scored with t's own training scores
+(so tasks of different spread compare), and the lowest z wins. Two density models:
   gaussian  probabilistic PCA: Mahalanobis distance in the top-k principal directions plus the residual
             over the mean remaining variance (k*d + d numbers a task instead of a full d x d covariance)
   vae       the paper's form: a small VAE per task on standardised features; score = reconstruction error
@@ -13,7 +13,7 @@ Both are fitted on every task, so one run measures both; `kind` picks the one us
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ Kind = Literal["gaussian", "vae"]
 class LocatorOptions(LoraOptions):
     locator: Kind = "gaussian"
     """The density model that routes in `locate` mode (both are fitted and measured)."""
-    locator_layer: int = -1
-    """Hidden-state index of the base model's feature; -1 = the final (normed) state."""
-    locator_pool: Literal["last", "mean"] = "last"
-    """The feature of a prompt: its last token's hidden state, or the mean over all its tokens."""
+    locator_layer: Optional[int] = None
+    """Hidden-state index of the base model's feature (0 = embeddings, -1 = the final normed state);
+    None = two-thirds of the depth, where tasks separate best on SmolLM2 (benchmarks/locator_features.py)."""
+    locator_pool: Literal["last", "mean"] = "mean"
+    """The feature of a prompt: the mean of its tokens' hidden states, or its last token's."""
     locator_rank: int = 16
     locator_fit_examples: int = 200
     """Train prompts per task the locator is fitted on."""
@@ -172,6 +173,28 @@ class TaskLocator(nn.Module):
             return (self.gaussian if kind == "gaussian" else self.vae)[task].score(features.float())
 
 
+@torch.no_grad()
+def prompt_features(model, prompt_ids: list[list[int]], pad_id: int, device, batch_size: int,
+                    kinds: list[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
+    """Per (hidden-state index, 'last'|'mean'): each prompt's feature, [N, d] in fp32 on the CPU. Prompts
+    are batched by length with left padding; 'mean' averages over the prompt's own tokens only."""
+    from evolora.data.batching import left_pad
+
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out = {kind: torch.empty(len(prompt_ids), model.config.hidden_size) for kind in kinds}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask, positions = (t.to(device) for t in left_pad([prompt_ids[i] for i in idx], pad_id))
+        hidden_states = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              output_hidden_states=True, logits_to_keep=1).hidden_states
+        weights = mask.unsqueeze(-1).float()
+        for layer, pool in kinds:
+            hidden = hidden_states[layer].float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1) if pool == "mean" else hidden[:, -1]
+            out[(layer, pool)][idx] = pooled.cpu()
+    return out
+
+
 class LocatorHooks:
     """For expert methods (mixed into the Method): a task locator fitted after every task from base-model
     features of that task's train prompts, and `locate()` for task-id-free inference. The method provides
@@ -181,6 +204,16 @@ class LocatorHooks:
     has_locator = True
 
     def setup_locator(self, model, ctx) -> None:
+        from evolora.errors import ConfigError
+
+        n_layers = model.config.num_hidden_layers
+        layer = self.options.locator_layer
+        if layer is None:
+            layer = round(2 * n_layers / 3)
+        elif not -(n_layers + 1) <= layer <= n_layers:
+            raise ConfigError(f"method.options.locator_layer: {layer} is out of range for a model with {n_layers} "
+                              f"layers (0..{n_layers}, or negative from the end)")
+        self.locator_layer = layer
         self.locator = TaskLocator(model.config.hidden_size, self.options.locator_rank)
         model.add_module("task_locator", self.locator)
         self._feature_cache: dict = {}
@@ -190,35 +223,14 @@ class LocatorHooks:
         while len(self.locator) < stage + 1:
             self.locator.add_task()
 
-    @torch.no_grad()
     def features(self, ctx, prompt_ids: list[list[int]]) -> torch.Tensor:
-        """The frozen base model's hidden state of each prompt (last token or mean over tokens, per
-        `locator_pool`), experts off: [N, d]."""
-        from evolora.data.batching import left_pad
-
-        model = ctx.model
-        model.eval()
-        rows = []
-        size = ctx.config.eval.batch_size
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        """The frozen base model's feature of each prompt (per `locator_layer`, `locator_pool`), experts
+        off: [N, d]."""
+        ctx.model.eval()
+        key = (self.locator_layer, self.options.locator_pool)
         with self.experts.disabled(), ctx.accelerator.autocast():
-            for start in range(0, len(order), size):
-                idx = order[start:start + size]
-                ids, mask, positions = (t.to(ctx.device) for t in left_pad([prompt_ids[i] for i in idx],
-                                                                          ctx.tokenizer.pad_token_id))
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                            logits_to_keep=1)
-                hidden = out.hidden_states[self.options.locator_layer].float()
-                if self.options.locator_pool == "mean":
-                    weights = mask.unsqueeze(-1).float()
-                    pooled = (hidden * weights).sum(1) / weights.sum(1)
-                else:
-                    pooled = hidden[:, -1]
-                rows.append((idx, pooled.cpu()))
-        feats = torch.empty(len(prompt_ids), model.config.hidden_size)
-        for idx, block in rows:
-            feats[idx] = block
-        return feats
+            return prompt_features(ctx.model, prompt_ids, ctx.tokenizer.pad_token_id, ctx.device,
+                                   ctx.config.eval.batch_size, [key])[key]
 
     def fit_locator(self, stage: int, ctx) -> None:
         import random
