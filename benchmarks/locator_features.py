@@ -12,7 +12,6 @@ per prompt with every layer's hidden states, so the extra layers cost nothing bu
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 
@@ -21,16 +20,10 @@ import torch
 from evolora.config import load_config
 from evolora.data.prompting import PromptBuilder
 from evolora.data.streams import build_stream
-from evolora.methods.locator import TaskLocator, prompt_features
+from evolora.methods.locator import TaskLocator, fit_indices, prompt_features
 from evolora.models import load_model
 
 HERE = Path(__file__).resolve().parent
-
-
-def fit_prompts(task, n: int, seed: int) -> list[int]:
-    """The train examples a run's locator is fitted on (same choice as LocatorHooks.fit_locator)."""
-    rng = random.Random(f"locator:{seed}:{task.name}")
-    return sorted(rng.sample(range(len(task.train)), min(n, len(task.train))))
 
 
 def accuracy(train: list[torch.Tensor], test: list[torch.Tensor], kind: str, rank: int, seed: int,
@@ -68,7 +61,7 @@ def main() -> None:
     started = time.perf_counter()
     train, test = {k: [] for k in kinds}, {k: [] for k in kinds}
     for t, task in enumerate(tasks):
-        for split, examples in ((train, [task.train[i] for i in fit_prompts(task, args.fit, cfg.data.seed)]),
+        for split, examples in ((train, [task.train[i] for i in fit_indices(task, args.fit, cfg.data.seed)]),
                                 (test, task.test)):
             ids = [prompts.encode_prompt(task, ex, t).input_ids for ex in examples]
             feats = prompt_features(model, ids, tokenizer.pad_token_id, device, args.batch_size, kinds)

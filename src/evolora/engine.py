@@ -430,8 +430,13 @@ def drop_superseded_checkpoint(ctx: RunContext, stage: int) -> None:
         checkpoint_path(ctx.run_dir, stage - 1).unlink(missing_ok=True)
 
 
-def load_checkpoint(ctx: RunContext, method: Method, path: Path, sha256: Optional[str] = None) -> None:
+def load_checkpoint(ctx: RunContext, method: Method, path: Path, sha256: Optional[str] = None,
+                    skip_module: Optional[str] = None) -> None:
+    """Loads a stage's tensors into the model; those under `skip_module` (a top-level module name) stay as
+    they are."""
     state = load_tensors(path, sha256)
+    if skip_module:
+        state = {k: v for k, v in state.items() if not k.startswith(skip_module + ".")}
     try:
         method.load_checkpoint_state(ctx.model, state)
     except KeyError as exc:

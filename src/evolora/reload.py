@@ -12,10 +12,8 @@ from evolora.data.tasks import Example
 from evolora.config import load_config
 from evolora.engine import build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint
 from evolora.errors import EvoloraError
-from evolora.state import load_tensors, read_progress
-
-
-LOCATOR_MODULE = "task_locator."
+from evolora.methods.locator import LOCATOR_MODULE
+from evolora.state import read_progress
 
 
 def load_run(run_dir: Path, overrides: list[str] = ()):
@@ -32,14 +30,11 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
     path = checkpoint_path(run_dir, len(ctx.stages) - 1)
     for stage in range(len(ctx.stages)):
         method.grow(stage, ctx)
+    load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name),
+                    skip_module=LOCATOR_MODULE if refit else None)
     if refit:
-        state = {k: v for k, v in load_tensors(path, progress.get("checkpoints", {}).get(path.name)).items()
-                 if not k.startswith(LOCATOR_MODULE)}
-        method.load_checkpoint_state(ctx.model, state)
         for stage in range(len(ctx.stages)):
             method.fit_locator(stage, ctx)
-    else:
-        load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name))
     ctx.model.eval()
     return ctx, method
 

@@ -173,6 +173,18 @@ class TaskLocator(nn.Module):
             return (self.gaussian if kind == "gaussian" else self.vae)[task].score(features.float())
 
 
+LOCATOR_MODULE = "task_locator"
+"""The locator's name in the model (its tensors are saved under `task_locator.`)."""
+
+
+def fit_indices(task, n: int, seed: int) -> list[int]:
+    """Which of a task's train examples its locator is fitted on: n of them, the same for every run of a seed."""
+    import random
+
+    rng = random.Random(f"locator:{seed}:{task.name}")
+    return sorted(rng.sample(range(len(task.train)), min(n, len(task.train))))
+
+
 @torch.no_grad()
 def prompt_features(model, prompt_ids: list[list[int]], pad_id: int, device, batch_size: int,
                     kinds: list[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
@@ -215,7 +227,7 @@ class LocatorHooks:
                               f"layers (0..{n_layers}, or negative from the end)")
         self.locator_layer = layer
         self.locator = TaskLocator(model.config.hidden_size, self.options.locator_rank)
-        model.add_module("task_locator", self.locator)
+        model.add_module(LOCATOR_MODULE, self.locator)
         self._feature_cache: dict = {}
         self.locator_fit_s = 0.0
 
@@ -233,14 +245,12 @@ class LocatorHooks:
                                    ctx.config.eval.batch_size, [key])[key]
 
     def fit_locator(self, stage: int, ctx) -> None:
-        import random
         import time
 
         started = time.perf_counter()
         for t in ctx.stages[stage]:
             task = ctx.tasks[t]
-            rng = random.Random(f"locator:{ctx.config.data.seed}:{task.name}")
-            chosen = sorted(rng.sample(range(len(task.train)), min(self.options.locator_fit_examples, len(task.train))))
+            chosen = fit_indices(task, self.options.locator_fit_examples, ctx.config.data.seed)
             prompts = [ctx.prompts.encode_prompt(task, task.train[i], t).input_ids for i in chosen]
             self.locator.fit(t, self.features(ctx, prompts), seed=ctx.config.train.seed,
                              vae_steps=self.options.locator_vae_steps)
