@@ -225,7 +225,7 @@ class CrashedInEvaluation(Exception):
     pass
 
 
-@pytest.mark.parametrize("method_name", ["seq_lora", "cmoe"])
+@pytest.mark.parametrize("method_name", ["seq_lora", "cmoe", "moe_cl"])
 def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_path, tiny_config, monkeypatch,
                                                                          method_name):
     import evolora.engine as engine
@@ -258,6 +258,12 @@ def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_pat
     assert comparable(resumed) == comparable(reference)
     assert resumed["stages"][1]["train"]["steps"] == reference["stages"][1]["train"]["steps"]
     assert read_progress(run_dir)["trained"] is None
+    # the method's per-stage figures (locator fit time, discriminator accuracy) survive the resume
+    figures = [sorted(stage["train"].get("method", {})) for stage in resumed["stages"]]
+    assert figures == [sorted(stage["train"].get("method", {})) for stage in reference["stages"]]
+    expected = {"seq_lora": [], "cmoe": ["locator_fit_s"],
+                "moe_cl": ["discriminator_train_accuracy", "locator_fit_s"]}[method_name]
+    assert figures == [expected] * len(resumed["stages"])
 
 
 def test_crash_before_progress_names_the_new_checkpoint_keeps_the_previous_one(tmp_path, tiny_config,

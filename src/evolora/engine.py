@@ -585,6 +585,9 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
             global_step += train_stats["steps"]
             method.after_task(stage, ctx)
+            figures = method.stage_metrics(stage)
+            if figures:
+                train_stats["method"] = figures
             if is_main:
                 path = checkpoint_path(run_dir, stage)
                 checksums[path.name] = save_checkpoint(ctx, method, stage)

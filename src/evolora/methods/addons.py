@@ -104,6 +104,9 @@ class WithAddOns(Method):
     def load_checkpoint_state(self, model, state):
         self.method.load_checkpoint_state(model, state)
 
+    def stage_metrics(self, stage):
+        return self.method.stage_metrics(stage)
+
     def extra_metrics(self):
         out = dict(self.method.extra_metrics())
         for addon in self.addons:

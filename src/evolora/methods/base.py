@@ -97,6 +97,11 @@ class Method:
             for name, tensor in state.items():
                 own[name].copy_(tensor.to(own[name].dtype))
 
+    def stage_metrics(self, stage: int) -> dict[str, Any]:
+        """Figures of the stage just finished, asked for after `after_task`. They are kept with the stage's
+        record in progress.json, so a resumed run still has those of the stages before the interruption."""
+        return {}
+
     def extra_metrics(self) -> dict[str, Any]:
         return {}
 

@@ -293,5 +293,4 @@ class CMoE(LocatorHooks, Method):
                            "added_parameters": step.get("added_parameters"),
                            "probe_frequencies": step["frequencies"]} for stage, step in sorted(self.plan.items())],
             "experts_per_layer": [self.experts.num_experts(layer) for layer in range(len(self.experts.layers))],
-            "locator_fit_s": self.locator_fit_s,
         }

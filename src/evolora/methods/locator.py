@@ -254,7 +254,10 @@ class LocatorHooks:
             prompts = [ctx.prompts.encode_prompt(task, task.train[i], t).input_ids for i in chosen]
             self.locator.fit(t, self.features(ctx, prompts), seed=ctx.config.train.seed,
                              vae_steps=self.options.locator_vae_steps)
-        self.locator_fit_s += time.perf_counter() - started
+        self.locator_fit_s = time.perf_counter() - started
+
+    def stage_metrics(self, stage: int) -> dict:
+        return {"locator_fit_s": self.locator_fit_s}
 
     def locate(self, ctx, key, prompt_ids: list[list[int]], kind: str | None = None) -> list[int]:
         """Located task of each prompt; base-model features are cached under `key` (they never change)."""

@@ -243,14 +243,13 @@ class MoECL(LocatorHooks, Method):
     def after_task(self, stage, ctx):
         self.experts.clear()
         self.fit_locator(stage, ctx)
+
+    def stage_metrics(self, stage):
+        out = super().stage_metrics(stage)
         if self.disc_total:
-            self.discriminator_accuracy = getattr(self, "discriminator_accuracy", [])
-            self.discriminator_accuracy.append(100.0 * self.disc_correct / self.disc_total)
+            out["discriminator_train_accuracy"] = 100.0 * self.disc_correct / self.disc_total
+        return out
 
     def extra_metrics(self):
-        out = {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
-               "adversarial_weight": self.options.adversarial_weight}
-        out["locator_fit_s"] = self.locator_fit_s
-        if getattr(self, "discriminator_accuracy", None):
-            out["discriminator_train_accuracy"] = self.discriminator_accuracy
-        return out
+        return {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
+                "adversarial_weight": self.options.adversarial_weight}
