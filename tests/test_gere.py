@@ -123,3 +123,18 @@ def test_gere_on_moe_cl_runs(tmp_path, tiny_config):
     assert record["method"] == "moe_cl+gere" and record["complete"]
     logged = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert all("general_tm" in r and "adversarial" in r for r in logged)
+
+
+def test_general_weight_scales_the_general_part_and_must_be_positive(tmp_path, tiny_config):
+    texts = general_file(tmp_path)
+    first_steps = {}
+    for scale in (1.0, 0.25):
+        out = tmp_path / f"w{scale}"
+        raw = tiny_config(out, "seq_lora", method={"addons": {"gere": {"texts": str(texts), "max_tokens": 32,
+                                                                       "general_weight": scale}}})
+        run(build_config(raw))
+        first_steps[scale] = json.loads((out / "run" / "steps.jsonl").read_text().splitlines()[0])
+    assert first_steps[0.25]["task_loss"] == pytest.approx(first_steps[1.0]["task_loss"])
+    assert first_steps[0.25]["general_ce"] == pytest.approx(0.25 * first_steps[1.0]["general_ce"], rel=1e-4)
+    with pytest.raises(ConfigError, match=r"general_weight"):
+        build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"gere": {"general_weight": 0}}}))

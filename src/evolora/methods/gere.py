@@ -49,6 +49,8 @@ class GeReOptions:
     """Threshold width in standard deviations."""
     weight: Optional[float] = None
     """Weight of the TM/KL/L1/L2 term; none = dynamic (CE / term, detached)."""
+    general_weight: float = 1.0
+    """Scale of the whole general part (its CE and the term) against the task loss; 1 = the paper's balance."""
     layer: int = -1
     """Index into the model's hidden states; -1 is the final (normed) state fed to the LM head."""
     temperature: float = 2.0
@@ -60,6 +62,8 @@ class GeReOptions:
             raise ValueError("need num_texts >= 1, max_tokens >= 8, per_batch >= 1")
         if self.k <= 0 or self.temperature <= 0:
             raise ValueError("k and temperature must be > 0")
+        if self.general_weight <= 0:
+            raise ValueError("general_weight must be > 0")
         if self.weight is not None and self.weight < 0:
             raise ValueError("weight must be >= 0 (or null for dynamic)")
 
@@ -232,7 +236,7 @@ class GeRe(AddOn):
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         logits = out.logits[:, :-1].float()
         general_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        terms = {"general_ce": general_ce}
+        terms = {"general_ce": opts.general_weight * general_ce}
         if opts.loss == "ce":
             return terms
         if opts.loss == "kl":
@@ -256,7 +260,7 @@ class GeRe(AddOn):
         else:
             weight = ((step.task_loss + general_ce).detach() / extra.detach().clamp(min=1e-8)
                       if extra.item() > 0 else 0.0)
-        terms[f"general_{opts.loss}"] = weight * extra
+        terms[f"general_{opts.loss}"] = opts.general_weight * weight * extra
         return terms
 
     def extra_metrics(self):
