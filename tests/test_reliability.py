@@ -30,8 +30,11 @@ def long_config(tiny_config, tmp_path, **train):
 
 def start(args, tmp_path):
     env = dict(os.environ, TQDM_DISABLE="1")
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # Ctrl-C handler: give the child the default disposition so the test does not depend on how it was launched.
     return subprocess.Popen([sys.executable, "-m", "evolora", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step_state(run_dir, proc, stage, timeout=300):
