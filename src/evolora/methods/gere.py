@@ -12,7 +12,7 @@ averaged over the violated entries. w is fixed or dynamic (w = CE / TM, detached
 Ablations on the same plumbing (`loss`): `ce` (plain replay), `kl` (KL to the base model's logits,
 with temperature, from a frozen copy of the base model), `l1` / `l2` (distance to the stored bf16 hidden
 states). The task loss and the general CE are summed rather than averaged: under Adam only their
-relative weight (1:1) matters."""
+relative weight matters, 1:1 as in the paper unless `general_weight` scales the whole general part down."""
 
 from __future__ import annotations
 
