@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from evolora import atomic
@@ -59,7 +60,7 @@ def main() -> None:
     table = "\n".join([f"| variant | {task} zero-shot | {task} after training | drift % | train s | tok/s |",
                        "|---|---|---|---|---|---|", *rows])
     atomic.write_text(Path(args.results),
-                      f"`python benchmarks/gere_plasticity.py --order {args.order}` ({args.config}, first task "
+                      f"`python benchmarks/gere_plasticity.py --order {args.order}` ({os.path.relpath(args.config)}, first task "
                       f"only):\n\n{table}\n")
     print(table)
 
