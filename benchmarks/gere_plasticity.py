@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from evolora import atomic
+from evolora.bench import file_stem
 from evolora.config import load_config
 from evolora.engine import run
 
@@ -32,10 +33,6 @@ VARIANTS = {
 }
 
 
-def folder_name(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=str(HERE / "mtl5_cpu.yaml"))
@@ -46,7 +43,7 @@ def main() -> None:
 
     rows = []
     for label, overrides in VARIANTS.items():
-        run_dir = Path(args.out) / folder_name(label)
+        run_dir = Path(args.out) / file_stem(label)
         metrics_path = run_dir / "metrics.json"
         record = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         if not (record and record.get("complete")):
