@@ -6,7 +6,8 @@ down, TM with a fixed weight). Prints the task's accuracy and the held-out gener
 
 CONFIG defaults to benchmarks/mtl5_cpu.yaml (the benchmark of record: same budget, model and data); the stream
 is cut to its first task (MTL5 order 4 starts with agnews, where the full-stream runs lost the most). A variant
-whose run folder already holds a finished metrics.json is read, not rerun.
+whose run folder already holds a finished metrics.json is read, not rerun; one left unfinished is resumed, as the
+suite command does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from pathlib import Path
 
 from evolora import atomic
-from evolora.bench import file_stem
+from evolora.bench import can_resume, file_stem
 from evolora.config import load_config
 from evolora.engine import run
 
@@ -47,8 +48,9 @@ def main() -> None:
         metrics_path = run_dir / "metrics.json"
         record = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         if not (record and record.get("complete")):
-            cfg = load_config(args.config, [f"data.order={args.order}", "data.max_tasks=1", *overrides])
-            record = run(cfg, run_dir)
+            cfg = load_config(args.config, [f"data.order={args.order}", "data.max_tasks=1", "output.overwrite=true",
+                                            *overrides])
+            record = run(cfg, run_dir, resume=can_resume(cfg, run_dir))
         task = record["stream"]["tasks"][0]
         stage = record["stages"][0]["train"]
         rows.append(f"| {label} | {record['zero_shot'][0]:.1f} | {record['R'][0][0]:.1f} | "

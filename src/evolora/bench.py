@@ -94,7 +94,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
                      f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
         config = build_config(_base_for(base, entry.method), overrides, source=f"{suite_path} [{entry.name}]")
-        resume = _can_resume(config, run_dir)
+        resume = can_resume(config, run_dir)
         log(f"[{entry.name}] {'resuming' if resume else 'running into'} {run_dir}")
         metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"), resume=resume)
         metrics["bench"] = {"suite": suite.name, "label": entry.name, "overrides": overrides,
@@ -105,7 +105,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
     return done
 
 
-def _can_resume(config, run_dir: Path) -> bool:
+def can_resume(config, run_dir: Path) -> bool:
     """A run folder left by an interrupted suite run with the same config is continued, not restarted."""
     from evolora.engine import check_resume_config
     from evolora.errors import EvoloraError
