@@ -119,6 +119,29 @@ def test_lwf_distillation_is_minimal_at_the_teacher():
     assert masked.item() == 0.0
 
 
+def test_lwf_distillation_on_top_k_keeps_the_rest_of_the_vocabulary():
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(2, 3, 50) * 3
+    labels = torch.tensor([[1, 2, 3], [4, 5, -100]])
+    full = torch.log_softmax(teacher_logits / 2.0, -1)
+    top = full.topk(5, dim=-1)
+    student_logits = teacher_logits.clone().requires_grad_(True)
+    at_teacher = distillation(student_logits, labels, top.indices, top.values, temperature=2.0)
+    at_teacher.backward()
+    assert at_teacher.item() == pytest.approx(0.0, abs=1e-5)
+    # At the teacher the loss is at its minimum: no pull on the tokens outside the top-k.
+    assert student_logits.grad.abs().max().item() < 1e-5
+    assert distillation(torch.randn(2, 3, 50), labels, top.indices, top.values, 2.0) > 0
+    # With k = the vocabulary it is the exact KL, times T^2.
+    everything = full.topk(50, dim=-1)
+    student = torch.randn(2, 3, 50)
+    exact = torch.nn.functional.kl_div(torch.log_softmax(student / 2.0, -1), full, log_target=True,
+                                       reduction="none").sum(-1)
+    expected = exact[labels != -100].mean() * 4.0
+    got = distillation(student, labels, everything.indices, everything.values, 2.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("method_name", ["replay", "ewc", "lwf", "per_task_lora", "olora"])
 def test_every_baseline_runs_end_to_end(tmp_path, tiny_config, method_name):
     metrics = run(build_config(tiny_config(tmp_path, method_name)))

@@ -1,7 +1,7 @@
 """LwF (Li & Hoiem, 2017), for instruction tuning: before a new task, the current model's answer-token
 distributions on the new task's inputs are recorded (top-k, temperature T); while training, the model also
-matches them (cross-entropy to the recorded distribution), so it keeps behaving as before on the inputs
-it now learns from. On a LoRA trained through the stream."""
+matches them (KL on the top-k tokens plus the rest of the vocabulary as one bucket), so it keeps behaving as
+before on the inputs it now learns from. On a LoRA trained through the stream."""
 
 from __future__ import annotations
 
@@ -31,15 +31,24 @@ def _row_keys(batch) -> list[tuple]:
     return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch.input_ids, batch.attention_mask)]
 
 
+def _with_rest(top_logp: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the top-k tokens plus one bucket for the rest of the vocabulary."""
+    mass = torch.logsumexp(top_logp, dim=-1, keepdim=True).exp().clamp(max=1 - 1e-6)
+    return torch.cat([top_logp, torch.log1p(-mass)], dim=-1)
+
+
 def distillation(student_logits: torch.Tensor, labels: torch.Tensor, teacher_idx: torch.Tensor,
                  teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy from the teacher's top-k distribution to the student's, over answer positions.
-    student_logits [B, K, V]; labels [B, K]; teacher_* [B, K, k]."""
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_idx)
-    teacher = torch.softmax(teacher_logp, dim=-1)  # renormalised over the top-k
-    per_position = -(teacher * student).sum(-1)
+    """KL from the teacher to the student over answer positions, on the teacher's top-k tokens plus a bucket
+    for the rest of the vocabulary (the exact KL when k is the vocabulary). Renormalising the teacher over its
+    top-k alone would make the student push the rest of the vocabulary towards zero: an over-confident model.
+    student_logits [B, K, V]; labels [B, K]; teacher_* [B, K, k] (teacher_logp: full-softmax log-probs)."""
+    student_top = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_idx)
+    teacher, student = _with_rest(teacher_logp.float()), _with_rest(student_top)
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)
     mask = labels != IGNORE
-    return (per_position * mask).sum() / mask.sum().clamp(min=1) * temperature ** 2
+    per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
+    return per_position.sum() / mask.sum().clamp(min=1) * temperature ** 2
 
 
 @register
