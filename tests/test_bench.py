@@ -19,6 +19,11 @@ def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
     again = []
     run_suite(tmp_path / "suite.yaml", log=again.append)
     assert sum("(skipped)" in line for line in again) == 2
+    first_seq_lora = json.loads(done[0].read_text())
+    redo = []
+    run_suite(tmp_path / "suite.yaml", only=["seq_lora"], log=redo.append, rerun=True)
+    assert any("running into" in line for line in redo) and not any("skipped" in line or "resum" in line for line in redo)
+    assert json.loads(done[0].read_text())["timings"] != first_seq_lora["timings"]  # a new run, not the old file
 
     table = write_results(all_result_files(tmp_path / "results", tmp_path / "suite.yaml"), tmp_path / "RESULTS.md").read_text()
     lines = [x for x in table.splitlines() if x.startswith("|")]

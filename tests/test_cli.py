@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -63,6 +64,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, tiny_config):
           f"data.tasks=[{{name: a, format: olora, path: {tmp_path / 'nowhere'}}}]"], "task folder not found"),
         (["eval", tmp_path], "config.yaml: config file not found"),
         (["report", tmp_path], "metrics.json: not found"),
+        (["bench", Path(__file__).parents[1] / "benchmarks" / "mtl5_cpu_suite.yaml", "--rerun"],
+         "--rerun: name the runs to redo with --only"),
     ]
     for args, expect in cases:
         result = evolora(*args)

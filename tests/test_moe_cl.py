@@ -159,3 +159,42 @@ def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
         cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": options}))
         build_context(cfg, None)
     assert "\n" not in str(err.value)
+
+
+def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, tiny_config):
+    """`moe_cl+replay`: a stored example of task 0 trains the shared expert through task 0's routing,
+    not the current task's expert (which it never passes through), and task 0's frozen expert not at all."""
+    from evolora.engine import answer_loss
+    from evolora.methods.registry import build_method
+
+    raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 0},
+                                                  "addons": {"replay": {"per_task": 3}}}, data={"max_tasks": 2})
+    cfg = build_config(raw)
+    assert build_method(cfg.method).name == "moe_cl+replay"
+    ctx, method = build_context(cfg, tmp_path / "run")
+    method.grow(0, ctx)
+    method.grow(1, ctx)
+    method.before_task(1, ctx)
+    examples = method.training_examples(1, ctx.encode_train(1), ctx)
+    stored = [e for e in examples if e.task_index == 0]
+    assert len(stored) == 3 and len(examples) == len(ctx.tasks[1].train) + 3
+    for layer in range(len(method.experts.layers)):
+        for expert in range(3):
+            for p in method.experts.expert_parameters(layer, expert):
+                torch.nn.init.normal_(p, std=0.1)
+    batch = collate_train(stored, ctx.tokenizer.pad_token_id)
+    assert (batch.labels != -100).any()  # stored with their answers: they carry the LM loss
+    ctx.model.train()
+    ctx.model.zero_grad()
+    with method.batch_route(batch.task_ids):
+        out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1)
+    answer_loss(out.logits, batch.labels).backward()
+    last = len(method.experts.layers) - 1
+    shared, old, current = (method.experts.expert_parameters(last, e) for e in range(3))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shared)
+    assert all(not p.requires_grad for p in old)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in current)
+    bad = tiny_config(tmp_path, "moe_cl", method={"addons": {"replay": {"per_task": -1}}})
+    with pytest.raises(ConfigError, match=r"method.addons.replay: per_task must be >= 0"):
+        build_config(bad)

@@ -66,15 +66,17 @@ def result_path(suite_path: Path, suite: Suite, run: SuiteRun, order: Optional[i
 
 
 def run_suite(suite_path: Path, only: Optional[list[str]] = None, log=print,
-              orders: Optional[list[int]] = None) -> list[Path]:
-    """Runs every entry of the suite (for each of `orders` when given) whose results file is missing."""
+              orders: Optional[list[int]] = None, rerun: bool = False) -> list[Path]:
+    """Runs every entry of the suite (for each of `orders` when given) whose results file is missing.
+    `rerun` runs the selected entries again from scratch: their results and run folders are replaced (an
+    existing run folder would otherwise be resumed, even a finished one made by older code)."""
     done = []
     for order in orders or [None]:
-        done += _run_suite_order(suite_path, only, log, order)
+        done += _run_suite_order(suite_path, only, log, order, rerun)
     return done
 
 
-def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[Path]:
+def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: bool = False) -> list[Path]:
     from evolora.engine import run as run_stream
 
     suite_path = Path(suite_path)
@@ -85,7 +87,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
         if only and entry.name not in only:
             continue
         target = result_path(suite_path, suite, entry, order)
-        if target.is_file():
+        if target.is_file() and not rerun:
             log(f"[{entry.name}] results exist: {target} (skipped)")
             done.append(target)
             continue
@@ -94,7 +96,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int]) -> list[
                      f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
         config = build_config(_base_for(base, entry.method), overrides, source=f"{suite_path} [{entry.name}]")
-        resume = can_resume(config, run_dir)
+        resume = not rerun and can_resume(config, run_dir)
         log(f"[{entry.name}] {'resuming' if resume else 'running into'} {run_dir}")
         metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"), resume=resume)
         metrics["bench"] = {"suite": suite.name, "label": entry.name, "overrides": overrides,

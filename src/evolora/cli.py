@@ -129,6 +129,8 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
           results_md: Path = typer.Option(Path("docs/RESULTS.md"), "--results-md",
                                           help="Table rebuilt from every results file of the suite's folder."),
           table_only: bool = typer.Option(False, "--table-only", help="Run nothing; rebuild the table only."),
+          rerun: bool = typer.Option(False, "--rerun", help="Run the selected labels again from scratch, replacing "
+                                     "their results and run folders (after a change to a method's code)."),
           ) -> None:
     """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
     from evolora.bench import all_result_files, compare, load_suite, run_suite, write_results
@@ -138,7 +140,9 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     except ValueError:
         raise EvoloraError(f"--orders: expected comma-separated integers, got {orders!r}") from None
     if not table_only:
-        run_suite(suite, only, log=_echo, orders=order_list)
+        if rerun and not only:
+            raise EvoloraError("--rerun: name the runs to redo with --only (it would otherwise redo the whole suite)")
+        run_suite(suite, only, log=_echo, orders=order_list, rerun=rerun)
     spec = load_suite(suite)
     files = all_result_files(suite.parent / spec.results, suite)
     _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")
