@@ -23,11 +23,6 @@ def replay_buffer(ctx, task_index: int, size: int, seed: int) -> list:
     return [ctx.prompts.encode_train(task, task.train[i], task_index) for i in sorted(chosen)]
 
 
-def earlier_buffers(ctx, stage: int, per_task: int) -> list:
-    earlier = sorted({t for s in range(stage) for t in ctx.stages[s]})
-    return [enc for t in earlier for enc in replay_buffer(ctx, t, per_task, ctx.config.data.seed)]
-
-
 @dataclass
 class ReplayBufferOptions:
     per_task: int = 50
@@ -48,25 +43,25 @@ class ReplayOptions(LoraOptions):
         ReplayBufferOptions.__post_init__(self)
 
 
+class ReplayHooks:
+    """The hooks both forms share; `options.per_task` is the buffer size."""
+
+    def training_examples(self, stage, examples, ctx):
+        earlier = sorted({t for s in range(stage) for t in ctx.stages[s]})
+        seed = ctx.config.data.seed
+        return examples + [enc for t in earlier for enc in replay_buffer(ctx, t, self.options.per_task, seed)]
+
+    def extra_metrics(self):
+        return {"replay_per_task": self.options.per_task}
+
+
 @register
-class Replay(SeqLoRA):
+class Replay(ReplayHooks, SeqLoRA):
     name = "replay"
     Options = ReplayOptions
 
-    def training_examples(self, stage, examples, ctx):
-        return examples + earlier_buffers(ctx, stage, self.options.per_task)
-
-    def extra_metrics(self):
-        return {"replay_per_task": self.options.per_task}
-
 
 @register_addon
-class ReplayAddOn(AddOn):
+class ReplayAddOn(ReplayHooks, AddOn):
     name = "replay"
     Options = ReplayBufferOptions
-
-    def training_examples(self, stage, examples, ctx):
-        return examples + earlier_buffers(ctx, stage, self.options.per_task)
-
-    def extra_metrics(self):
-        return {"replay_per_task": self.options.per_task}
