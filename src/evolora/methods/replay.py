@@ -34,12 +34,9 @@ class ReplayBufferOptions:
 
 
 @dataclass
-class ReplayOptions(LoraOptions):
-    per_task: int = 50
-    """Examples kept per earlier task."""
-
+class ReplayOptions(ReplayBufferOptions, LoraOptions):
     def __post_init__(self):
-        super().__post_init__()
+        LoraOptions.__post_init__(self)
         ReplayBufferOptions.__post_init__(self)
 
 
