@@ -90,6 +90,20 @@ def test_run_save_load_same_predictions_and_predict(tmp_path, tiny_config):
     assert (tmp_path / "run" / "cmoe_plan.json").is_file()
     expansion = record["method_metrics"]["expansion"]
     assert len(expansion) == 3 and expansion[0]["expanded_layers"] == [0, 1]
+    # every evaluated example's prediction is kept, and the saved predictions give the recorded accuracies
+    names = record["stream"]["tasks"]
+    for label, row in [*((f"stage-{s + 1:02d}", r) for s, r in enumerate(record["R"])),
+                       ("final-located", record["locate"]["R_final"])]:
+        lines = [json.loads(x) for x in (tmp_path / "run" / "predictions" / f"{label}.jsonl").read_text().splitlines()]
+        assert {x["eval"] for x in lines} == {label}
+        for j, name in enumerate(names):
+            mine = [x for x in lines if x["task"] == name]
+            if row[j] is None:
+                assert not mine
+                continue
+            assert [x["index"] for x in mine] == list(range(len(mine))) and mine
+            assert all(x["correct"] == (x["prediction"] == x["gold"]) for x in mine)
+            assert 100.0 * sum(x["correct"] for x in mine) / len(mine) == pytest.approx(row[j])
     ctx, method = load_run(tmp_path / "run")
     assert [method.experts.num_experts(i) for i in range(2)] == record["method_metrics"]["experts_per_layer"]
     inputs = tmp_path / "inputs.jsonl"

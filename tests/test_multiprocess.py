@@ -37,6 +37,11 @@ def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config
     assert single.returncode == 0, single.stderr
     evaluated = json.loads((run_dir / "eval.json").read_text())
     assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
+    # the two ranks' shards of the predictions are put back in test-set order
+    def predictions(label):
+        lines = (run_dir / "predictions" / f"{label}.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "eval"} for x in lines]
+    assert predictions("stage-02") == predictions("eval-oracle")
 
     one_process = tiny_config(tmp_path / "one", data={"train_per_label": 6, "test_per_label": 5},
                               eval={"zero_shot": True})

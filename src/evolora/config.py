@@ -124,6 +124,9 @@ class EvalConfig(_Strict):
     and after every stage, and reported as drift % (general-ability retention)."""
     general_texts: int = Field(default=200, ge=1)
     general_max_tokens: int = Field(default=256, ge=8)
+    save_predictions: bool = True
+    """Write every evaluated example's prediction to predictions/stage-NN.jsonl in the run folder (and
+    predictions/final-located.jsonl for the located evaluation): for error analysis and paired comparisons."""
 
 
 class OutputConfig(_Strict):

@@ -335,11 +335,41 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
     return row, {"predictions": predictions, "locator": locator}
 
 
-def evaluate_located_final(ctx: RunContext, method: Method) -> dict:
+def write_predictions(ctx: RunContext, path: Path, predictions: dict[str, list], label: str) -> None:
+    """One JSON line per evaluated test example: `label` (the stage or evaluation it belongs to), task,
+    index in the task's test set, input, gold answer, prediction, correct. Each process holds the
+    predictions of its shard (examples rank::world); they are gathered and the main process writes."""
+    world = ctx.accelerator.num_processes
+    parts = [predictions]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([predictions])
+    if not ctx.accelerator.is_main_process:
+        return
+    lines = []
+    for task in ctx.tasks:
+        if task.name not in predictions:
+            continue
+        merged: list = [None] * len(task.test)
+        for rank, part in enumerate(parts):
+            merged[rank::world] = part[task.name]
+        for index, (example, prediction) in enumerate(zip(task.test, merged)):
+            gold = example.output.strip()
+            lines.append(json.dumps({"eval": label, "task": task.name, "index": index, "input": example.input,
+                                     "gold": gold, "prediction": prediction, "correct": prediction == gold},
+                                    ensure_ascii=False))
+    guarded_write(path, lambda: atomic.write_text(path, "".join(line + "\n" for line in lines)))
+
+
+def evaluate_located_final(ctx: RunContext, method: Method, predictions_path: Optional[Path] = None) -> dict:
     """The final model on every task with located task ids, and the locator's accuracy for each kind of
-    density model it has (they share the cached features)."""
+    density model it has (they share the cached features). With `predictions_path`, each example's
+    prediction is written there."""
     every = list(range(len(ctx.tasks)))
     row, info = evaluate_row(ctx, method, every, "locate")
+    if predictions_path is not None:
+        write_predictions(ctx, predictions_path, info["predictions"], "final-located")
     sizes = [len(t.test) for t in ctx.tasks]
     by_kind = {}
     shard = (ctx.accelerator.process_index, ctx.accelerator.num_processes)
@@ -406,6 +436,10 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
     return result.value
+
+
+def predictions_path(run_dir: Path, label: str) -> Path:
+    return Path(run_dir) / "predictions" / f"{label}.jsonl"
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -602,6 +636,9 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         policy = config.eval.future_tasks if continual else "all"
         row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
                                  config.eval.task_id)
+        if config.eval.save_predictions:
+            write_predictions(ctx, predictions_path(run_dir, f"stage-{stage + 1:02d}"), info["predictions"],
+                              f"stage-{stage + 1:02d}")
         ppl = general_perplexity(ctx, method, max(task_indices))
         eval_s = time.perf_counter() - t0
         if ppl is not None:
@@ -620,7 +657,8 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     if (locate_record is None and getattr(method, "has_locator", False) and config.eval.locate_final
             and config.eval.task_id == "oracle"):
         t0 = time.perf_counter()
-        locate_record = evaluate_located_final(ctx, method)
+        locate_record = evaluate_located_final(
+            ctx, method, predictions_path(run_dir, "final-located") if config.eval.save_predictions else None)
         timings["locate_eval_s"] = time.perf_counter() - t0
         log(f"final model with located task ids: AP {locate_record['AP']:.1f}, locator accuracy "
             + ", ".join(f"{k} {v:.1f} %" for k, v in locate_record["locator_by_kind"].items()))

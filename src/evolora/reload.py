@@ -10,7 +10,8 @@ import torch
 from evolora import atomic
 from evolora.data.tasks import Example
 from evolora.config import load_config
-from evolora.engine import build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint
+from evolora.engine import (build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint,
+                            predictions_path, write_predictions)
 from evolora.errors import EvoloraError
 from evolora.methods.locator import LOCATOR_MODULE
 from evolora.state import read_progress
@@ -41,13 +42,17 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
 
 def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     ctx, method = load_run(run_dir, overrides)
+    label = f"eval-{ctx.config.eval.task_id}"
+    path = predictions_path(run_dir, label) if ctx.config.eval.save_predictions else None
     if ctx.config.eval.task_id == "locate":
-        located = evaluate_located_final(ctx, method)
+        located = evaluate_located_final(ctx, method, path)
         row = located["R_final"]
         extra = {"locator": located["locator"], "locator_per_task": located["locator_per_task"],
                  "locator_by_kind": located["locator_by_kind"]}
     else:
-        row, _ = evaluate_row(ctx, method, list(range(len(ctx.tasks))), "oracle")
+        row, info = evaluate_row(ctx, method, list(range(len(ctx.tasks))), "oracle")
+        if path is not None:
+            write_predictions(ctx, path, info["predictions"], label)
         extra = {}
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
               "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
