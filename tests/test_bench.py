@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from evolora.bench import all_result_files, compare, results_markdown, run_suite, write_results
@@ -35,6 +36,20 @@ def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
     paths = compare([json.loads(p.read_text()) for p in done], tmp_path / "cmp")
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0
+
+    # `evolora compare` on the run folders: they kept their predictions, so AP is also compared paired
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    run_dirs = [tmp_path / "runs" / "tiny" / name for name in ("seq_lora", "replay_small")]
+    result = CliRunner().invoke(app, ["compare", *map(str, run_dirs), "--out", str(tmp_path / "cmp2")])
+    assert result.exit_code == 0, result.output
+    assert "paired bootstrap" in result.output
+    record = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())
+    delta = record[1]["metrics"]["AP"] - record[0]["metrics"]["AP"]
+    assert record[1]["paired_vs_first"]["delta_AP"] == pytest.approx(delta)
+    assert "paired_vs_first" not in record[0]
 
 
 def test_orders_are_aggregated_as_mean_and_std(tmp_path):

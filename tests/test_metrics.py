@@ -54,3 +54,22 @@ def test_joint_run_has_only_ap():
 def test_single_task():
     m = compute_metrics([[70.0]], [10.0])
     assert m["AP"] == 70.0 and m["BWT"] is None and m["FWT"] is None
+
+
+def test_paired_bootstrap_of_ap():
+    from evolora.metrics import paired_ap_bootstrap
+
+    a = {"x": [True, False, True, False], "y": [False] * 6}
+    same = paired_ap_bootstrap(a, a)
+    assert same["delta_AP"] == 0.0 and same["low"] == same["high"] == 0.0 and same["ahead"] == 0.0
+    # task x: +1 example of 4 right (+25 points), task y: +3 of 6 (+50): AP +37.5; no resample behind
+    b = {"x": [True, True, True, False], "y": [True, True, True, False, False, False]}
+    result = paired_ap_bootstrap(a, b, samples=500)
+    assert result["delta_AP"] == pytest.approx(37.5)
+    assert 0.0 <= result["low"] < 37.5 < result["high"] <= 100.0 and result["ahead"] > 0.95
+    # a mixed difference straddles zero
+    c = {"x": [False, True, True, False], "y": [True] + [False] * 5}
+    mixed = paired_ap_bootstrap(a, c, samples=500)
+    assert mixed["low"] < 0.0 < mixed["high"]
+    with pytest.raises(ValueError):
+        paired_ap_bootstrap(a, {"x": [True], "y": [False] * 6})

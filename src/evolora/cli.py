@@ -156,11 +156,13 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
 @app.command("compare")
 def compare_(run_dirs: List[Path] = typer.Argument(..., help="Finished run folders."),
              out: Path = typer.Option(Path("comparison"), "--out", help="Folder for the table and plots.")) -> None:
-    """Side-by-side table (Markdown + JSON) and plots of finished runs."""
+    """Side-by-side table (Markdown + JSON) and plots of finished runs; where the runs kept their
+    predictions, each run's AP against the first run's with a paired-bootstrap interval."""
     from evolora.bench import compare
-    from evolora.report import read_metrics
+    from evolora.report import read_final_predictions, read_metrics
 
-    paths = compare([read_metrics(d) for d in run_dirs], out)
+    metrics = [read_metrics(d) for d in run_dirs]
+    paths = compare(metrics, out, [read_final_predictions(d, m) for d, m in zip(run_dirs, metrics)])
     _echo(paths["markdown"].read_text())
     _echo(f"plots: {paths['bars']}, {paths['heatmaps']}")
 

@@ -74,3 +74,29 @@ def compute_metrics(R: Matrix, zero_shot: Optional[list[Optional[float]]], conti
     if zero_shot is not None:
         metrics["zero_shot_mean"] = _mean(zero_shot)
     return metrics
+
+
+def paired_ap_bootstrap(reference: dict[str, list[bool]], other: dict[str, list[bool]], samples: int = 2000,
+                        seed: int = 0) -> dict:
+    """How sure is a difference in AP between two runs evaluated on the same test examples? Each task's test
+    set is resampled with replacement `samples` times, the same draw for both runs (a paired bootstrap: the
+    examples both get right or wrong cancel out), and AP (the mean of per-task accuracy) recomputed.
+    `reference` and `other` map task -> per-example correctness, in the same example order. Returns the
+    observed AP difference other - reference (points), its 95 % interval, and the share of resamples in
+    which `other` is ahead."""
+    import numpy as np
+
+    if reference.keys() != other.keys() or any(len(reference[t]) != len(other[t]) for t in reference):
+        raise ValueError("paired bootstrap needs both runs' predictions on the same tasks and examples")
+    rng = np.random.default_rng(seed)
+    deltas = np.zeros(samples)
+    observed = 0.0
+    for task, ref in reference.items():
+        diff = np.asarray(other[task], dtype=float) - np.asarray(ref, dtype=float)
+        observed += diff.mean()
+        deltas += diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    scale = 100.0 / len(reference)
+    deltas *= scale
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {"delta_AP": observed * scale, "low": float(low), "high": float(high),
+            "ahead": float((deltas > 0).mean()), "samples": samples}

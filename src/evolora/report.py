@@ -21,6 +21,24 @@ def read_metrics(run_dir: Path) -> dict:
         raise EvoloraError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+def read_final_predictions(run_dir: Path, metrics: dict) -> dict[str, list[bool]] | None:
+    """Per-example correctness of the final model on every task (predictions of the last stage), or None
+    when the run folder has none (runs made with eval.save_predictions off, or before it existed)."""
+    if not metrics.get("R"):
+        return None
+    path = Path(run_dir) / "predictions" / f"stage-{len(metrics['R']):02d}.jsonl"
+    if not path.is_file():
+        return None
+    correct: dict[str, list[bool]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            correct.setdefault(row["task"], []).append(bool(row["correct"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EvoloraError(f"{path}:{number}: not a prediction line") from None
+    return correct
+
+
 def _fmt(value, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
