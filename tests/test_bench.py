@@ -50,6 +50,13 @@ def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
     delta = record[1]["metrics"]["AP"] - record[0]["metrics"]["AP"]
     assert record[1]["paired_vs_first"]["delta_AP"] == pytest.approx(delta)
     assert "paired_vs_first" not in record[0]
+    # a run made before predictions were kept: a plain `evolora eval` of its final checkpoint stands in
+    kept = record[1]["paired_vs_first"]
+    for path in (run_dirs[1] / "predictions").glob("stage-*.jsonl"):
+        path.unlink()
+    assert CliRunner().invoke(app, ["eval", str(run_dirs[1])]).exit_code == 0
+    result = CliRunner().invoke(app, ["compare", *map(str, run_dirs), "--out", str(tmp_path / "cmp3")])
+    assert json.loads((tmp_path / "cmp3" / "comparison.json").read_text())[1]["paired_vs_first"] == kept
 
 
 def test_orders_are_aggregated_as_mean_and_std(tmp_path):

@@ -22,13 +22,21 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def read_final_predictions(run_dir: Path, metrics: dict) -> dict[str, list[bool]] | None:
-    """Per-example correctness of the final model on every task (predictions of the last stage), or None
-    when the run folder has none (runs made with eval.save_predictions off, or before it existed)."""
+    """Per-example correctness of the final model on every task: the predictions of the last stage, or
+    those of a plain `evolora eval RUN_DIR` of the final checkpoint (same evaluation settings, so the same
+    predictions) for runs made before predictions were kept; None when the run folder has neither."""
     if not metrics.get("R"):
         return None
     path = Path(run_dir) / "predictions" / f"stage-{len(metrics['R']):02d}.jsonl"
     if not path.is_file():
-        return None
+        path = Path(run_dir) / "predictions" / "eval-oracle.jsonl"
+        try:
+            evaluated = json.loads((Path(run_dir) / "eval.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not path.is_file() or evaluated.get("overrides") or evaluated.get("mode") != metrics.get("eval_mode") \
+                or evaluated.get("task_id") != "oracle":
+            return None
     correct: dict[str, list[bool]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
