@@ -254,30 +254,31 @@ def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> l
 
 # --- comparison of finished runs ------------------------------------------------------------------------
 
-def _paired_against_first(labels: list[str], predictions: list[Optional[dict]]) -> dict[str, dict]:
-    """Paired bootstrap of AP, each run against the first, where both were evaluated on the same examples."""
+def _paired_against_first(predictions: list[Optional[dict]]) -> dict[int, dict]:
+    """Paired bootstrap of AP, each run (by position) against the first, where both were evaluated on the
+    same examples."""
     from evolora.metrics import paired_ap_bootstrap
 
     reference = predictions[0]
     paired = {}
-    for label, mine in zip(labels[1:], predictions[1:]):
+    for index, mine in enumerate(predictions[1:], 1):
         if reference is None or mine is None:
             continue
         try:
-            paired[label] = paired_ap_bootstrap(reference, mine)
+            paired[index] = paired_ap_bootstrap(reference, mine)
         except ValueError:
             continue  # different tasks or test sets: nothing to pair
     return paired
 
 
-def _paired_table(reference: str, paired: dict[str, dict]) -> str:
+def _paired_table(labels: list[str], paired: dict[int, dict]) -> str:
     if not paired:
         return ""
     samples = next(iter(paired.values()))["samples"]
-    lines = [f"\nAP against {reference}, final models on the same test examples (paired bootstrap, "
+    lines = [f"\nAP against {labels[0]}, final models on the same test examples (paired bootstrap, "
              f"{samples} resamples):\n\n| run | ΔAP | 95 % interval | ahead in |\n|---|---|---|---|\n"]
-    for label, p in paired.items():
-        lines.append(f"| {label} | {p['delta_AP']:+.1f} | {p['low']:+.1f} … {p['high']:+.1f} | "
+    for index, p in paired.items():
+        lines.append(f"| {labels[index]} | {p['delta_AP']:+.1f} | {p['low']:+.1f} … {p['high']:+.1f} | "
                      f"{100 * p['ahead']:.0f} % |\n")
     return "".join(lines)
 
@@ -301,13 +302,13 @@ def compare(metrics_list: list[dict], out_dir: Path,
                    + " |\n" for label, m in zip(labels, metrics_list) for row in table_rows(m))
     paths = {"markdown": out_dir / "comparison.md", "json": out_dir / "comparison.json",
              "bars": out_dir / "metrics_bars.png", "heatmaps": out_dir / "R_heatmaps.png"}
-    paired = _paired_against_first(labels, final_predictions) if final_predictions else {}
-    atomic.write_text(paths["markdown"], header + body + _paired_table(labels[0], paired))
+    paired = _paired_against_first(final_predictions) if final_predictions else {}
+    atomic.write_text(paths["markdown"], header + body + _paired_table(labels, paired))
     atomic.write_json(paths["json"], [{"label": label, "metrics": m.get("metrics", {}), "R": m["R"],
                                        "zero_shot": m.get("zero_shot"), "parameters": m.get("parameters"),
                                        "timings": m.get("timings"),
-                                       **({"paired_vs_first": paired[label]} if label in paired else {})}
-                                      for label, m in zip(labels, metrics_list)])
+                                       **({"paired_vs_first": paired[i]} if i in paired else {})}
+                                      for i, (label, m) in enumerate(zip(labels, metrics_list))])
 
     keys = ["AP", "BWT", "FWT"]
     fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(labels), 3.8))
