@@ -26,6 +26,7 @@ from evolora.evaluation import evaluate_task
 from evolora.methods import Method, StepInputs, build_method
 from evolora.metrics import compute_metrics
 from evolora.models import load_model
+from evolora.report import predictions_path
 from evolora.state import (LOCK, RunLock, clear_step_state, guarded_write, load_tensors, read_progress,
                            read_step_state, restore_step_state, save_step_state, save_tensors, write_progress)
 
@@ -362,14 +363,14 @@ def write_predictions(ctx: RunContext, path: Path, predictions: dict[str, list],
     guarded_write(path, lambda: atomic.write_text(path, "".join(line + "\n" for line in lines)))
 
 
-def evaluate_located_final(ctx: RunContext, method: Method, predictions_path: Optional[Path] = None) -> dict:
+def evaluate_located_final(ctx: RunContext, method: Method, write_to: Optional[Path] = None) -> dict:
     """The final model on every task with located task ids, and the locator's accuracy for each kind of
-    density model it has (they share the cached features). With `predictions_path`, each example's
-    prediction is written there."""
+    density model it has (they share the cached features). With `write_to`, each example's prediction is
+    written there."""
     every = list(range(len(ctx.tasks)))
     row, info = evaluate_row(ctx, method, every, "locate")
-    if predictions_path is not None:
-        write_predictions(ctx, predictions_path, info["predictions"], "final-located")
+    if write_to is not None:
+        write_predictions(ctx, write_to, info["predictions"], "final-located")
     sizes = [len(t.test) for t in ctx.tasks]
     by_kind = {}
     shard = (ctx.accelerator.process_index, ctx.accelerator.num_processes)
@@ -436,10 +437,6 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
     return result.value
-
-
-def predictions_path(run_dir: Path, label: str) -> Path:
-    return Path(run_dir) / "predictions" / f"{label}.jsonl"
 
 
 # --- checkpoints -------------------------------------------------------------------------------------

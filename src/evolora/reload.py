@@ -11,9 +11,10 @@ from evolora import atomic
 from evolora.data.tasks import Example
 from evolora.config import load_config
 from evolora.engine import (build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint,
-                            predictions_path, write_predictions)
+                            write_predictions)
 from evolora.errors import EvoloraError
 from evolora.methods.locator import LOCATOR_MODULE
+from evolora.report import predictions_path
 from evolora.state import read_progress
 
 

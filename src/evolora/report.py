@@ -21,15 +21,20 @@ def read_metrics(run_dir: Path) -> dict:
         raise EvoloraError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+def predictions_path(run_dir: Path, label: str) -> Path:
+    """Where a run folder keeps the predictions of one evaluation (`stage-NN`, `final-located`, `eval-...`)."""
+    return Path(run_dir) / "predictions" / f"{label}.jsonl"
+
+
 def read_final_predictions(run_dir: Path, metrics: dict) -> dict[str, list[bool]] | None:
     """Per-example correctness of the final model on every task: the predictions of the last stage, or
     those of a plain `evolora eval RUN_DIR` of the final checkpoint (same evaluation settings, so the same
     predictions) for runs made before predictions were kept; None when the run folder has neither."""
     if not metrics.get("R"):
         return None
-    path = Path(run_dir) / "predictions" / f"stage-{len(metrics['R']):02d}.jsonl"
+    path = predictions_path(run_dir, f"stage-{len(metrics['R']):02d}")
     if not path.is_file():
-        path = Path(run_dir) / "predictions" / "eval-oracle.jsonl"
+        path = predictions_path(run_dir, "eval-oracle")
         try:
             evaluated = json.loads((Path(run_dir) / "eval.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
