@@ -1,6 +1,7 @@
 """Speed of each method relative to a plain PEFT LoRA step of the same rank, measured in one process
 (absolute seconds on a shared machine mean little; ratios do), plus the cost of label scoring for a
-14-label task relative to a 1-label task, and the process's peak memory.
+14-label task relative to a 1-label task, and peak memory (the process's RSS on CPU; on a GPU, the GPU memory
+allocated for each method's run).
 
     python benchmarks/speed.py [--models tiny-llama smollm2-135m] [--methods seq_lora replay ...] [--steps 6]
 
@@ -27,6 +28,7 @@ from evolora.engine import StepLog, build_context, train_stage
 from evolora.evaluation import score_candidates
 from evolora.methods.base import LoraOptions
 from evolora.methods.seq_lora import add_lora
+from evolora.models import resolve_device, resolve_dtype
 
 METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora", "moe_cl", "moe_cl:mixing=ffn",
            "cmoe", "seq_lora+gere", "seq_ft+gere"]
@@ -55,7 +57,7 @@ def method_section(spec: str) -> dict:
 
 def config(model: str, method: str, batch: int):
     return build_config({
-        "model": {"name": model, "dtype": "fp32" if model == "tiny-llama" else "bf16"},
+        "model": {"name": model, "dtype": "fp32" if model == "tiny-llama" else "auto"},
         "data": {"stream": "demo", "max_input_tokens": 192},
         "method": method_section(method),
         "train": {"batch_size": batch, "lr": 1e-4, "checkpoint_every": 0},
@@ -64,6 +66,9 @@ def config(model: str, method: str, batch: int):
 
 
 def peak_mb() -> float:
+    """Peak GPU memory allocated when on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -71,6 +76,7 @@ def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
     """A plain PEFT script's step: full logits, HF's own loss, AdamW."""
     ctx, _ = build_context(config(model_name, "seq_ft", batch), None)
     model = add_lora(ctx.model, LoraOptions())
+    device = ctx.device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     task = synthetic_task("t", batch * steps)
     items = [ctx.prompts.encode_train(task, ex, 0) for ex in task.train]
@@ -78,16 +84,17 @@ def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
     dtype = next(model.parameters()).dtype
     for step in range(steps):
         batch_items = items[step * batch:(step + 1) * batch]
-        b = collate_train(batch_items, ctx.tokenizer.pad_token_id)
+        b = collate_train(batch_items, ctx.tokenizer.pad_token_id).to(device)
         labels = b.input_ids.clone()
         labels[:, : b.input_ids.shape[1] - b.labels.shape[1]] = -100
         labels[:, -b.labels.shape[1]:] = b.labels
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        loss.item()  # waits for the device, as the engine's step does when it logs the loss
         if step:  # the first step warms up kernels
             times.append(time.perf_counter() - start)
             tokens += b.n_tokens
@@ -135,14 +142,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     for model_name in args.models:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(True)  # models of another dtype need another mixed-precision setting
-        print(f"\n== {model_name} (threads {torch.get_num_threads()}) ==")
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, threads {torch.get_num_threads()}"
+        device = resolve_device("auto")
+        dtype = "fp32" if model_name == "tiny-llama" else str(resolve_dtype("auto", device)).removeprefix("torch.")
+        print(f"\n== {model_name} ({where}, {dtype}) ==")
         reference = plain_peft_tokens_per_s(model_name, args.batch, args.steps)
         print(f"plain PEFT LoRA step: {reference:.0f} tokens/s (reference = 1.00)")
-        print(f"{'method':>16}  tokens/s  step time / PEFT step  peak RSS MB")
+        print(f"{'method':>16}  tokens/s  step time / PEFT step  peak MB ({'GPU' if torch.cuda.is_available() else 'RSS'})")
         for method_name in args.methods:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             tps = method_tokens_per_s(model_name, method_name, args.batch, args.steps)
             print(f"{method_name:>16}  {tps:8.0f}  {reference / tps:21.2f}  {peak_mb():11.0f}")
         print(f"label scoring, 14-label task / 1-label task: {scoring_ratio(model_name):.2f}x the time")

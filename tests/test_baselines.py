@@ -39,7 +39,7 @@ def test_old_adapters_frozen_and_unchanged(tmp_path, tiny_config, method_name):
 def test_per_task_lora_routes_by_task_id(tmp_path, tiny_config):
     ctx, method = stage_context(tmp_path, tiny_config, "per_task_lora")
     train_through(ctx, method, 2)
-    ids = torch.tensor([[1, 40, 50, 60]])
+    ids = torch.tensor([[1, 40, 50, 60]], device=ctx.device)
     outputs = {}
     for task in (0, 1, 2):
         with method.route(task), torch.no_grad():

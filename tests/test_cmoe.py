@@ -168,10 +168,10 @@ def test_locator_feature_is_the_unpadded_hidden_state(tmp_path, tiny_config, poo
     batched = method.features(ctx, prompts)
     with torch.no_grad(), method.experts.disabled():
         for row, ids in zip(batched, prompts):
-            out = ctx.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            out = ctx.model(input_ids=torch.tensor([ids], device=ctx.device), output_hidden_states=True)
             hidden = out.hidden_states[method.locator_layer][0]
             expected = hidden.mean(0) if pool == "mean" else hidden[-1]
-            torch.testing.assert_close(row, expected.float(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(row.cpu(), expected.float().cpu(), atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_locator_pool_is_one_line(tmp_path, tiny_config):

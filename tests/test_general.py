@@ -39,8 +39,8 @@ def test_perplexity_matches_direct_computation_and_ignores_padding():
     nll, n = 0.0, 0
     with torch.no_grad():
         for s in seqs:  # one unpadded sequence at a time
-            logits = model(input_ids=torch.tensor([s])).logits[0, :-1]
-            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="sum").item()
+            logits = model(input_ids=torch.tensor([s], device=device)).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:], device=device), reduction="sum").item()
             n += len(s) - 1
     assert got.tokens == n
     assert got.value == pytest.approx(math.exp(nll / n), rel=1e-4)

@@ -142,3 +142,16 @@ def test_addons_wrap_a_method_without_hiding_it(tmp_path, tiny_config):
     assert method.has_locator and method.options.locator == "gaussian"
     method.base_parameter_ids = {1, 2}
     assert method.method.base_parameter_ids == {1, 2}
+
+
+def test_runs_of_another_precision_or_device_in_one_process(tmp_path, tiny_config):
+    """accelerate keeps one state per process; a second run with another precision (or device) rebuilds it
+    instead of refusing with accelerate's 'restart your runtime'."""
+    from evolora.engine import build_context
+
+    fp32, _ = build_context(build_config(tiny_config(tmp_path / "a")), None)
+    assert fp32.accelerator.mixed_precision == "no"
+    bf16, _ = build_context(build_config(tiny_config(tmp_path / "b", model={"dtype": "bf16", "device": "cpu"})), None)
+    assert bf16.accelerator.mixed_precision == "bf16" and bf16.device.type == "cpu"
+    again, _ = build_context(build_config(tiny_config(tmp_path / "c")), None)
+    assert again.accelerator.mixed_precision == "no"

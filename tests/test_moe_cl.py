@@ -23,7 +23,7 @@ def expert_snapshot(method, expert):
 
 
 def logits_on(ctx, method, task, n=4):
-    batch = collate_train(ctx.encode_train(task)[:n], ctx.tokenizer.pad_token_id)
+    batch = collate_train(ctx.encode_train(task)[:n], ctx.tokenizer.pad_token_id).to(ctx.device)
     with torch.no_grad(), method.route(task):
         return ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids).logits
@@ -57,18 +57,18 @@ def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config)
     for gates in method.container.gates:
         for gate in gates:
             torch.nn.init.normal_(gate.weight)
-    x = torch.randn(2, 5, method.experts.hidden_size)
+    x = torch.randn(2, 5, method.experts.hidden_size, device=ctx.device)
     with method.route(1):
         w = method._weights(0, x)
     assert w.shape == (2, 5, 4)
-    assert torch.allclose(w.sum(-1), torch.ones(2, 5))
+    assert torch.allclose(w.sum(-1), torch.ones(2, 5, device=ctx.device))
     assert (w[..., 1] == 0).all() and (w[..., 3] == 0).all() and (w[..., 2] > 0).all()
-    method.sample_tasks = torch.tensor([0, 2])  # per-sample routing of a mixed batch
+    method.sample_tasks = torch.tensor([0, 2], device=ctx.device)  # per-sample routing of a mixed batch
     w = method._weights(0, x)
     method.sample_tasks = None
     assert (w[0, :, 1] > 0).all() and (w[0, :, 3] == 0).all() and (w[1, :, 3] > 0).all()
     with method.route(None):  # no task known: the shared expert alone
-        assert torch.equal(method._weights(0, x)[..., 0], torch.ones(2, 5))
+        assert torch.equal(method._weights(0, x)[..., 0], torch.ones(2, 5, device=ctx.device))
 
 
 def test_gradient_reversal_flips_and_scales():
@@ -88,7 +88,7 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
         for p in method.experts.expert_parameters(layer, 0):
             torch.nn.init.normal_(p, std=0.1)
     examples = method.training_examples(1, ctx.encode_train(1), ctx)
-    batch = collate_train(examples[:4] + examples[-4:], ctx.tokenizer.pad_token_id)  # tasks 1 and 0 (memory)
+    batch = collate_train(examples[:4] + examples[-4:], ctx.tokenizer.pad_token_id).to(ctx.device)  # tasks 1, 0 (memory)
     assert set(batch.task_ids.tolist()) == {0, 1}
     ctx.model.train()
 
@@ -97,7 +97,8 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
         with method.batch_route(batch.task_ids):
             out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids)
-        term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"]
+        term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0, device=ctx.device), 1, ctx.model),
+                                 ctx)["adversarial"]
         term.backward()
         shared = method.experts.expert_parameters(len(method.experts.layers) - 1, 0)[1].grad.clone()
         disc = next(iter(method.container.discriminators.values()))[0].weight.grad.clone()
@@ -180,7 +181,7 @@ def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, ti
         for expert in range(3):
             for p in method.experts.expert_parameters(layer, expert):
                 torch.nn.init.normal_(p, std=0.1)
-    batch = collate_train(stored, ctx.tokenizer.pad_token_id)
+    batch = collate_train(stored, ctx.tokenizer.pad_token_id).to(ctx.device)
     assert (batch.labels != -100).any()  # stored with their answers: they carry the LM loss
     ctx.model.train()
     ctx.model.zero_grad()

@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 
 
 def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config):
-    raw = tiny_config(tmp_path, data={"train_per_label": 6, "test_per_label": 5}, train={"batch_size": 2})
+    raw = tiny_config(tmp_path, model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
+                      train={"batch_size": 2})
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
     # a fresh cache: the zero-shot row must be computed by the two processes, not read from disk
-    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"))
+    # CPU processes also on a GPU machine: accelerate's barrier names a CUDA device per rank whenever CUDA is visible
+    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "evolora", "run", str(config)],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -43,7 +45,7 @@ def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config
         return [{k: v for k, v in json.loads(x).items() if k != "eval"} for x in lines]
     assert predictions("stage-02") == predictions("eval-oracle")
 
-    one_process = tiny_config(tmp_path / "one", data={"train_per_label": 6, "test_per_label": 5},
+    one_process = tiny_config(tmp_path / "one", model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
                               eval={"zero_shot": True})
     from evolora.config import build_config
     from evolora.engine import build_context, evaluate_row

@@ -25,7 +25,7 @@ from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
 from evolora.methods import Method, StepInputs, build_method
 from evolora.metrics import compute_metrics
-from evolora.models import load_model
+from evolora.models import load_model, slow_dtype_warning
 from evolora.report import predictions_path
 from evolora.state import (LOCK, RunLock, clear_step_state, guarded_write, load_tensors, read_progress,
                            read_step_state, restore_step_state, save_step_state, save_tensors, write_progress)
@@ -71,9 +71,18 @@ def autocast_dtype(config: RunConfig, model: torch.nn.Module) -> str:
 
 def make_accelerator(config: RunConfig, model, device):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    mixed_precision = autocast_dtype(config, model)
+    # accelerate keeps one state per process and refuses another device or precision later on; a second
+    # run in the same process (a notebook, a sweep, the test suite) may need one. A single process's state
+    # can be rebuilt; a distributed launch's cannot, and all its runs share one device anyway.
+    if AcceleratorState._shared_state:
+        state = AcceleratorState()
+        if state.num_processes == 1 and (state.device.type != device.type or state.mixed_precision != mixed_precision):
+            AcceleratorState._reset_state(True)
     # Gradient accumulation is done in the loop (explicit sync steps), not by accelerate's counter.
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=autocast_dtype(config, model))
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
 
 
 def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
@@ -83,6 +92,8 @@ def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
     seed_everything(config.train.seed)
     tasks = build_stream(config.data)
     model, tokenizer, device = load_model(config.model)
+    if warning := slow_dtype_warning(next(model.parameters()).dtype, device):
+        log(warning)
     method = build_method(config.method)
     method.base_parameter_ids = {id(p) for p in model.parameters()}
     accelerator = make_accelerator(config, model, device)

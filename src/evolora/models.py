@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,9 @@ EMBEDDED = {
         "folder": "smollm2-135m-instruct",
     }
 }
+# Bumped when the conversion changes, so that folders converted before are converted again (2: special
+# tokens taken from the GGUF's metadata).
+CONVERSION = "2"
 TINY = "tiny-llama"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -37,18 +41,37 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has the instructions oneDNN needs for fast bf16 matrix products (AVX-512, its bf16
+    extension, or AMX). Without them (AVX2 only) a bf16 product runs ~40x slower than fp32, measured."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_avx512_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
-        # bf16 is ~3x faster than fp32 for SmolLM2 on a modern CPU and native on recent GPUs.
-        return torch.bfloat16
+        # bf16 is ~3x faster than fp32 for SmolLM2 on a CPU with AVX-512/AMX and native on recent GPUs;
+        # on an AVX2-only CPU it is far slower than fp32.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     return DTYPES[choice]
+
+
+def slow_dtype_warning(dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """One line for the log when bf16 was asked for on a CPU that runs it slowly."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        return ("model.dtype: bf16 on this CPU (no AVX-512 or AMX) runs matrix products ~40x slower than fp32; "
+                "expect a long run, or set model.dtype: fp32 (or auto)")
+    return None
 
 
 def embedded_model_dir(name: str) -> Path:
     """The plain HF folder of an embedded model, converted from its GGUF file on first use."""
     spec = EMBEDDED[name]
     target = cache_dir() / spec["folder"]
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    stamp = target / "evolora-conversion.txt"
+    if (target / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text().strip() == CONVERSION:
         return target
     found = importlib.util.find_spec(spec["package"])
     if found is None or not found.submodule_search_locations:
@@ -63,6 +86,13 @@ def embedded_model_dir(name: str) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=spec["gguf"])
     model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=spec["gguf"], dtype=torch.float32)
+    # Some transformers 5.x releases (5.17 seen) map the GGUF's special tokens wrongly (eos became
+    # <|im_start|>, no pad token); the ids written in the GGUF file are the authority.
+    for role, token_id in gguf_special_token_ids(gguf_path).items():
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        for config in (model.config, model.generation_config):
+            if config is not None:
+                setattr(config, f"{role}_token_id", token_id)
     # The GGUF loader leaves a quantizer attached that refuses to serialize; the weights are already
     # de-quantized to fp32, so dropping it is safe.
     model.hf_quantizer = None
@@ -73,9 +103,23 @@ def embedded_model_dir(name: str) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    (staging / stamp.name).write_text(CONVERSION + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """{"bos": id, "eos": id, "pad": id, "unk": id} as the GGUF file's metadata gives them (roles it lacks left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    found = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            found[role] = int(field.parts[field.data[0]][0])
+    return found
 
 
 def tiny_llama(vocab_size: int = 512, seed: int = 0):
