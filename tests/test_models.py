@@ -27,3 +27,18 @@ def test_explicit_bf16_on_a_slow_cpu_is_named_in_the_log(monkeypatch, tmp_path, 
     lines.clear()
     build_context(build_config(tiny_config(tmp_path, model={"dtype": "auto", "device": "cpu"})), None, log=lines.append)
     assert not any("model.dtype" in line for line in lines)
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch, tmp_path, tiny_config):
+    from evolora.engine import check_gpus_per_node
+    from evolora.errors import EvoloraError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    config = build_config(tiny_config(tmp_path))
+    with pytest.raises(EvoloraError, match=r"^2 processes per node but 1 GPU\(s\): launch at most 1 "):
+        check_gpus_per_node(config)
+    check_gpus_per_node(build_config(tiny_config(tmp_path, model={"device": "cpu"})))  # CPU processes: fine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_gpus_per_node(config)

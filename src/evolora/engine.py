@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -518,12 +519,23 @@ def check_resume_config(config: RunConfig, run_dir: Path) -> None:
                                f"{run_dir / 'config.yaml'}; a run resumes with the config it started with")
 
 
+def check_gpus_per_node(config: RunConfig) -> None:
+    """Each process of a launch on GPUs takes its own GPU; more processes per node than GPUs would fail
+    deep inside CUDA."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_node > 1 and config.model.device != "cpu" and torch.cuda.is_available() \
+            and per_node > torch.cuda.device_count():
+        raise EvoloraError(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s): launch at most "
+                           f"{torch.cuda.device_count()} (--nproc_per_node / --num_processes), or set model.device: cpu")
+
+
 def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
         resume: bool = False) -> dict:
     """A whole continual run. With `resume`, continues the run folder from its last completed stage or
     its last step state."""
     from accelerate import PartialState
 
+    check_gpus_per_node(config)
     # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
     dist = PartialState(cpu=config.model.device == "cpu" or not torch.cuda.is_available())
     is_main = dist.is_main_process
