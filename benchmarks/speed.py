@@ -28,7 +28,7 @@ from evolora.engine import StepLog, build_context, train_stage
 from evolora.evaluation import score_candidates
 from evolora.methods.base import LoraOptions
 from evolora.methods.seq_lora import add_lora
-from evolora.models import resolve_device, resolve_dtype
+from evolora.models import cpu_has_fast_bf16, resolve_device, resolve_dtype
 
 METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora", "moe_cl", "moe_cl:mixing=ffn",
            "cmoe", "seq_lora+gere", "seq_ft+gere"]
@@ -133,6 +133,19 @@ def scoring_ratio(model_name: str) -> float:
     return times["fourteen"] / times["one"]
 
 
+def matmul_gflops(dtype: torch.dtype, device: torch.device) -> float:
+    """One FFN-sized matrix product (2048 x 576 by 576 x 1536) in this dtype: GFLOP/s with the current threads."""
+    a = torch.randn(2048, 576, dtype=dtype, device=device)
+    b = torch.randn(576, 1536, dtype=dtype, device=device)
+    a @ b
+    repeats = 3
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = a @ b
+    c.sum().item()  # waits for a GPU
+    return repeats * 2 * 2048 * 576 * 1536 / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
@@ -141,9 +154,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = resolve_device("auto")
+    fast = f" (fast bf16 instructions: {cpu_has_fast_bf16()})" if device.type == "cpu" else ""
+    print(f"matrix product, GFLOP/s: fp32 {matmul_gflops(torch.float32, device):.1f}, "
+          f"bf16 {matmul_gflops(torch.bfloat16, device):.1f}{fast}")
     for model_name in args.models:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, threads {torch.get_num_threads()}"
-        device = resolve_device("auto")
         dtype = "fp32" if model_name == "tiny-llama" else str(resolve_dtype("auto", device)).removeprefix("torch.")
         print(f"\n== {model_name} ({where}, {dtype}) ==")
         reference = plain_peft_tokens_per_s(model_name, args.batch, args.steps)

@@ -43,7 +43,8 @@ def resolve_device(choice: str) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has the instructions oneDNN needs for fast bf16 matrix products (AVX-512, its bf16
-    extension, or AMX). Without them (AVX2 only) a bf16 product runs ~40x slower than fp32, measured."""
+    extension, or AMX). Without them (AVX2 only) a bf16 product runs 40-60x slower than fp32
+    (benchmarks/speed.py prints both)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_avx512_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -61,7 +62,7 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 def slow_dtype_warning(dtype: torch.dtype, device: torch.device) -> Optional[str]:
     """One line for the log when bf16 was asked for on a CPU that runs it slowly."""
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
-        return ("model.dtype: bf16 on this CPU (no AVX-512 or AMX) runs matrix products ~40x slower than fp32; "
+        return ("model.dtype: bf16 on this CPU (no AVX-512 or AMX) runs matrix products tens of times slower than fp32; "
                 "expect a long run, or set model.dtype: fp32 (or auto)")
     return None
 
