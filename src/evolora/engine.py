@@ -328,8 +328,13 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
     predictions = {}
     counts = torch.zeros(len(ctx.tasks), 3, dtype=torch.long)  # correct, total, located correctly
     ctx.model.eval()
+    from tqdm.auto import tqdm
+
+    # per task, not per batch: a bar (shown on a terminal only) for evaluations that can take minutes
+    tasks_bar = tqdm(task_indices, desc="evaluating", leave=False, disable=None if accelerator.is_main_process else True)
     with accelerator.autocast():
-        for j in task_indices:
+        for j in tasks_bar:
+            tasks_bar.set_postfix_str(ctx.tasks[j].name)
             if task_id == "locate":
                 result, located = _evaluate_located(ctx, method, j, shard)
             else:
