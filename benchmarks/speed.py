@@ -28,7 +28,7 @@ from evolora.engine import StepLog, build_context, train_stage
 from evolora.evaluation import score_candidates
 from evolora.methods.base import LoraOptions
 from evolora.methods.seq_lora import add_lora
-from evolora.models import cpu_has_fast_bf16, resolve_device, resolve_dtype
+from evolora.models import Bf16ProductsInFp32, cpu_has_fast_bf16, emulates_bf16, resolve_device, resolve_dtype
 
 METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora", "moe_cl", "moe_cl:mixing=ffn",
            "cmoe", "seq_lora+gere", "seq_ft+gere"]
@@ -156,8 +156,12 @@ def main() -> None:
     torch.manual_seed(0)
     device = resolve_device("auto")
     fast = f" (fast bf16 instructions: {cpu_has_fast_bf16()})" if device.type == "cpu" else ""
+    emulated = ""
+    if emulates_bf16(torch.bfloat16, device):
+        with Bf16ProductsInFp32():
+            emulated = f", bf16 as fp32 products (what a bf16 run uses here) {matmul_gflops(torch.bfloat16, device):.1f}"
     print(f"matrix product, GFLOP/s: fp32 {matmul_gflops(torch.float32, device):.1f}, "
-          f"bf16 {matmul_gflops(torch.bfloat16, device):.1f}{fast}")
+          f"bf16 {matmul_gflops(torch.bfloat16, device):.1f}{emulated}{fast}")
     for model_name in args.models:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, threads {torch.get_num_threads()}"
         dtype = "fp32" if model_name == "tiny-llama" else str(resolve_dtype("auto", device)).removeprefix("torch.")

@@ -26,7 +26,7 @@ from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
 from evolora.methods import Method, StepInputs, build_method
 from evolora.metrics import compute_metrics
-from evolora.models import load_model, slow_dtype_warning
+from evolora.models import bf16_emulation_note, bf16_products, load_model
 from evolora.report import predictions_path
 from evolora.state import (LOCK, RunLock, clear_step_state, guarded_write, load_tensors, read_progress,
                            read_step_state, restore_step_state, save_step_state, save_tensors, write_progress)
@@ -93,8 +93,8 @@ def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
     seed_everything(config.train.seed)
     tasks = build_stream(config.data)
     model, tokenizer, device = load_model(config.model)
-    if warning := slow_dtype_warning(next(model.parameters()).dtype, device):
-        log(warning)
+    if note := bf16_emulation_note(next(model.parameters()).dtype, device):
+        log(note)
     method = build_method(config.method)
     method.base_parameter_ids = {id(p) for p in model.parameters()}
     accelerator = make_accelerator(config, model, device)
@@ -562,7 +562,8 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
                               lambda: atomic.write_text(run_dir / "config.yaml", dump_config(config)))
             progress = {}
         dist.wait_for_everyone()
-        return _run_locked(config, run_dir, say, progress, is_main)
+        with bf16_products(config.model):
+            return _run_locked(config, run_dir, say, progress, is_main)
 
 
 def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: bool) -> dict:

@@ -3,6 +3,7 @@ folder), a tiny random Llama for tests, or any hub id / local folder."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from evolora.config import ModelConfig
 from evolora.errors import EvoloraError
@@ -59,12 +61,45 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return DTYPES[choice]
 
 
-def slow_dtype_warning(dtype: torch.dtype, device: torch.device) -> Optional[str]:
-    """One line for the log when bf16 was asked for on a CPU that runs it slowly."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
-        return ("model.dtype: bf16 on this CPU (no AVX-512 or AMX) runs matrix products tens of times slower than fp32; "
-                "expect a long run, or set model.dtype: fp32 (or auto)")
+def emulates_bf16(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether bf16 matrix products run as fp32 products here (a CPU without fast bf16 instructions)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16()
+
+
+def bf16_emulation_note(dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """One line for the log when bf16 products run in fp32 (`emulates_bf16`)."""
+    if emulates_bf16(dtype, device):
+        return ("model.dtype: bf16 on this CPU (no AVX-512 or AMX): matrix products run as fp32 products rounded to "
+                "bf16 (what bf16 kernels return; theirs run tens of times slower here)")
     return None
+
+
+class Bf16ProductsInFp32(TorchDispatchMode):
+    """Every bf16 matrix product (forward and backward) computed in fp32 and rounded to bf16. A bf16 kernel
+    accumulates in fp32 and rounds its output, so the result is that kernel's up to summation order
+    (bit-identical for >99.9 % of entries); on an AVX2-only CPU it runs ~50x faster than oneDNN's bf16
+    fallback. Other ops pass through unchanged."""
+
+    PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.baddbmm.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if tensors and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+                upcast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+                return func(*upcast, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def bf16_products(model_config: ModelConfig) -> contextlib.AbstractContextManager:
+    """The context a run or an evaluation of this model config runs in: bf16 products in fp32 where
+    `emulates_bf16`, else nothing (a dispatch mode costs every op a Python call)."""
+    device = resolve_device(model_config.device)
+    if emulates_bf16(resolve_dtype(model_config.dtype, device), device):
+        return Bf16ProductsInFp32()
+    return contextlib.nullcontext()
 
 
 def embedded_model_dir(name: str) -> Path:

@@ -13,6 +13,7 @@ from evolora.config import load_config
 from evolora.engine import (build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint,
                             write_predictions)
 from evolora.errors import EvoloraError
+from evolora.models import bf16_products
 from evolora.methods.locator import LOCATOR_MODULE
 from evolora.report import predictions_path
 from evolora.state import read_progress
@@ -41,7 +42,17 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
     return ctx, method
 
 
+def run_precision(run_dir: Path, overrides: list[str] = ()):
+    """The run's model config decides whether bf16 products run in fp32 (models.bf16_products)."""
+    return bf16_products(load_config(Path(run_dir) / "config.yaml", overrides).model)
+
+
 def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
+    with run_precision(run_dir, overrides):
+        return _evaluate_run(run_dir, overrides)
+
+
+def _evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     ctx, method = load_run(run_dir, overrides)
     label = f"eval-{ctx.config.eval.task_id}"
     path = predictions_path(run_dir, label) if ctx.config.eval.save_predictions else None
@@ -88,6 +99,11 @@ def predict(run_dir: Path, examples: list[Example], task: Optional[str] = None) 
     task locator picks the task: every input is framed as each task would frame it (its instruction
     unless the input brings one, its answer options), scored by that task's density model, and the task
     with the lowest z-score answers."""
+    with run_precision(run_dir):
+        return _predict(run_dir, examples, task)
+
+
+def _predict(run_dir: Path, examples: list[Example], task: Optional[str]) -> list[dict]:
     from evolora.data.tasks import Task
     from evolora.evaluation import evaluate_task
 
