@@ -4,6 +4,7 @@
 allocated for each method's run).
 
     python benchmarks/speed.py [--models tiny-llama smollm2-135m] [--methods seq_lora replay ...] [--steps 6]
+                               [--stage 2]    (e.g. --stage 15: the last task of a 15-task stream)
 
 A method is named as in the results table, with options after a colon: `moe_cl`, `moe_cl:mixing=ffn`,
 `seq_lora+gere`, `seq_lora+gere:memory_per_task=0` (options go to the method; GeRe reads the general texts
@@ -101,22 +102,26 @@ def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
     return tokens / sum(times)
 
 
-def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: int) -> float:
-    """The engine's step for the method in its second stage (where penalties and replay apply)."""
-    ctx, method = build_context(config(model_name, method_name, batch), None)
-    ctx.tasks = [synthetic_task("a", batch * 2), synthetic_task("b", batch * steps)]
-    ctx.stages = method.stages(2)
+def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: int, stage: int = 2) -> float:
+    """The engine's step for the method in stage `stage` (1-based; from the second on, penalties, replay and
+    the experts of earlier tasks apply). Earlier stages train two steps each."""
+    tasks = [synthetic_task(f"t{i}", batch * 2) for i in range(stage - 1)] + [synthetic_task("last", batch * steps)]
+    ctx, method = build_context(config(model_name, method_name, batch), None,
+                                before_setup=lambda c: setattr(c, "tasks", tasks))  # methods size for the stream
+    ctx.stages = method.stages(stage)
+    last = stage - 1
     if len(ctx.stages) == 1:  # joint methods: one stage with everything
         method.grow(0, ctx)
-        return train_stage(ctx, method, 0, ctx.encode_train(1), StepLog(None, False), 0)["tokens_per_s"]
-    method.grow(0, ctx)
-    method.before_task(0, ctx)
-    train_stage(ctx, method, 0, method.training_examples(0, ctx.encode_train(0), ctx), StepLog(None, False), 0)
-    method.after_task(0, ctx)
-    method.grow(1, ctx)
-    method.before_task(1, ctx)
-    examples = method.training_examples(1, ctx.encode_train(1), ctx)
-    return train_stage(ctx, method, 1, examples, StepLog(None, False), 0)["tokens_per_s"]
+        return train_stage(ctx, method, 0, ctx.encode_train(last), StepLog(None, False), 0)["tokens_per_s"]
+    for s in range(last):
+        method.grow(s, ctx)
+        method.before_task(s, ctx)
+        train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
+        method.after_task(s, ctx)
+    method.grow(last, ctx)
+    method.before_task(last, ctx)
+    examples = method.training_examples(last, ctx.encode_train(last), ctx)
+    return train_stage(ctx, method, last, examples, StepLog(None, False), 0)["tokens_per_s"]
 
 
 def scoring_ratio(model_name: str) -> float:
@@ -152,6 +157,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--stage", type=int, default=2,
+                        help="measure in this stage of the stream (expert methods hold stage+1 experts per layer)")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = resolve_device("auto")
@@ -165,14 +172,14 @@ def main() -> None:
     for model_name in args.models:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, threads {torch.get_num_threads()}"
         dtype = "fp32" if model_name == "tiny-llama" else str(resolve_dtype("auto", device)).removeprefix("torch.")
-        print(f"\n== {model_name} ({where}, {dtype}) ==")
+        print(f"\n== {model_name} ({where}, {dtype}), stage {args.stage} ==")
         reference = plain_peft_tokens_per_s(model_name, args.batch, args.steps)
         print(f"plain PEFT LoRA step: {reference:.0f} tokens/s (reference = 1.00)")
         print(f"{'method':>16}  tokens/s  step time / PEFT step  peak MB ({'GPU' if torch.cuda.is_available() else 'RSS'})")
         for method_name in args.methods:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            tps = method_tokens_per_s(model_name, method_name, args.batch, args.steps)
+            tps = method_tokens_per_s(model_name, method_name, args.batch, args.steps, args.stage)
             print(f"{method_name:>16}  {tps:8.0f}  {reference / tps:21.2f}  {peak_mb():11.0f}")
         print(f"label scoring, 14-label task / 1-label task: {scoring_ratio(model_name):.2f}x the time")
 

@@ -59,16 +59,17 @@ def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config)
             torch.nn.init.normal_(gate.weight)
     x = torch.randn(2, 5, method.experts.hidden_size, device=ctx.device)
     with method.route(1):
-        w = method._weights(0, x)
-    assert w.shape == (2, 5, 4)
+        experts, w = method._weights(0, x)
+    assert experts.tolist() == [[0, 2], [0, 2]]  # the shared expert and task 1's
+    assert w.shape == (2, 5, 2) and (w > 0).all()
     assert torch.allclose(w.sum(-1), torch.ones(2, 5, device=ctx.device))
-    assert (w[..., 1] == 0).all() and (w[..., 3] == 0).all() and (w[..., 2] > 0).all()
     method.sample_tasks = torch.tensor([0, 2], device=ctx.device)  # per-sample routing of a mixed batch
-    w = method._weights(0, x)
+    experts, w = method._weights(0, x)
     method.sample_tasks = None
-    assert (w[0, :, 1] > 0).all() and (w[0, :, 3] == 0).all() and (w[1, :, 3] > 0).all()
+    assert experts.tolist() == [[0, 1], [0, 3]]
     with method.route(None):  # no task known: the shared expert alone
-        assert torch.equal(method._weights(0, x)[..., 0], torch.ones(2, 5, device=ctx.device))
+        experts, w = method._weights(0, x)
+    assert experts.tolist() == [[0], [0]] and torch.equal(w, torch.ones(2, 5, 1, device=ctx.device))
 
 
 def test_gradient_reversal_flips_and_scales():

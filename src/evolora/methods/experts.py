@@ -1,19 +1,31 @@
 """LoRA experts inside a frozen transformer, shared by the expert methods (MoE-CL, CMoE).
 
 Each targeted linear becomes an `ExpertLinear`: the frozen base projection plus a growing list of LoRA
-experts (A_e [r, in], B_e [out, r]). The mixing weights of every token over the experts, w [B, T, E], are
-computed once per decoder layer by the method (a gate or router, from the layer's input) and held in the
-layer's `LayerRouting`; every projection of the layer then adds  sum_e w_e * s * B_e A_e x  in two
-batched einsums (no Python loop over tokens, samples or experts)."""
+experts (A_e [r, in], B_e [out, r]). The mixing weights of every token over the experts are computed once
+per decoder layer by the method (a gate or router, from the layer's input) and held in the layer's
+`LayerRouting`; every projection of the layer then adds  sum_e w_e * s * B_e A_e x  in two batched einsums
+(no Python loop over tokens, samples or experts). The weights come in one of two forms:
+- dense, w [B, T, E] over all experts: for routers whose experts differ from token to token (CMoE's top-k);
+- a `Route`: k experts chosen per sample and their weights [B, T, k]: for methods whose experts are fixed
+  per sample (MoE-CL: the shared one and the task's), so a step costs the same with 2 experts or 16."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
+
+
+class Route(NamedTuple):
+    """The experts each sample uses and their per-token weights."""
+
+    experts: torch.Tensor
+    """[B, k] expert indices (slot 0 must hold expert 0 where its output is recorded)."""
+    weights: torch.Tensor
+    """[B, T, k] weight of each slot."""
 
 
 class LayerRouting:
@@ -22,11 +34,16 @@ class LayerRouting:
     def __init__(self, index: int):
         self.index = index
         self.weights: Optional[torch.Tensor] = None
-        """[B, T, E] mixing weights over this layer's experts (E may be smaller than the expert count:
-        missing columns are zero)."""
+        """Dense: [B, T, E] mixing weights over this layer's experts (E may be smaller than the expert count:
+        missing columns are zero). With `experts` set: [B, T, k], the weights of those experts."""
+        self.experts: Optional[torch.Tensor] = None
+        """[B, k] the experts of each sample (a `Route`), or None for dense weights."""
         self.record: Optional[str] = None
         """Name of a projection whose expert-0 delta is kept in `recorded` (for a discriminator)."""
         self.recorded: Optional[torch.Tensor] = None
+
+    def set(self, route: Union[None, torch.Tensor, Route]) -> None:
+        self.experts, self.weights = route if isinstance(route, Route) else (None, route)
 
 
 class ExpertLinear(nn.Module):
@@ -64,15 +81,23 @@ class ExpertLinear(nn.Module):
         w = self.routing.weights
         if w is None or self.num_experts == 0:
             return out
-        n = w.shape[-1]
-        A = torch.stack(list(self.lora_A[:n]))  # [E, r, in]
-        B = torch.stack(list(self.lora_B[:n]))  # [E, out, r]
-        xa = torch.einsum("...i,eri->...er", x, A.to(x.dtype)) * w.unsqueeze(-1).to(x.dtype)
-        delta = torch.einsum("...er,eor->...o", xa, B.to(x.dtype)) * self.scaling
-        if self.routing.record == self.name:
-            shared = torch.einsum("...r,or->...o", xa[..., 0, :], B[0].to(x.dtype)) * self.scaling
-            self.routing.recorded = shared
-        return out + delta.to(out.dtype)
+        chosen = self.routing.experts
+        if chosen is None:
+            n = w.shape[-1]
+            A = torch.stack(list(self.lora_A[:n])).to(x.dtype)  # [E, r, in]
+            B = torch.stack(list(self.lora_B[:n])).to(x.dtype)  # [E, out, r]
+            xa = torch.einsum("...i,eri->...er", x, A) * w.unsqueeze(-1).to(x.dtype)
+            delta = torch.einsum("...er,eor->...o", xa, B)
+            if self.routing.record == self.name:
+                self.routing.recorded = torch.einsum("...r,or->...o", xa[..., 0, :], B[0]) * self.scaling
+        else:
+            A = torch.stack(list(self.lora_A))[chosen].to(x.dtype)  # [B, k, r, in]
+            B = torch.stack(list(self.lora_B))[chosen].to(x.dtype)  # [B, k, out, r]
+            xa = torch.einsum("bti,bkri->btkr", x, A) * w.unsqueeze(-1).to(x.dtype)
+            delta = torch.einsum("btkr,bkor->bto", xa, B)
+            if self.routing.record == self.name:
+                self.routing.recorded = torch.einsum("btr,bor->bto", xa[:, :, 0], B[:, 0]) * self.scaling
+        return out + (delta * self.scaling).to(out.dtype)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -89,10 +114,11 @@ def _hidden_from_call(args, kwargs) -> torch.Tensor:
 
 class ExpertModel:
     """Installs ExpertLinears over the targeted projections of every decoder layer and calls
-    `weights_fn(layer_index, normalized_layer_input)` before each layer to fill its routing weights."""
+    `weights_fn(layer_index, normalized_layer_input)` before each layer to fill its routing (dense weights,
+    a `Route`, or None for the base layer alone)."""
 
     def __init__(self, model: nn.Module, targets: list[str], r: int, alpha: float,
-                 weights_fn: Callable[[int, torch.Tensor], Optional[torch.Tensor]]):
+                 weights_fn: Callable[[int, torch.Tensor], Union[None, torch.Tensor, Route]]):
         self.layers = decoder_layers(model)
         self.routing = [LayerRouting(i) for i in range(len(self.layers))]
         self.linears: list[dict[str, ExpertLinear]] = []
@@ -124,11 +150,11 @@ class ExpertModel:
     def _make_hook(self, index: int):
         def hook(module, args, kwargs):
             if self.off:
-                self.routing[index].weights = None
+                self.routing[index].set(None)
                 return
             h = _hidden_from_call(args, kwargs)
             normed = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
-            self.routing[index].weights = self.weights_fn(index, normed)
+            self.routing[index].set(self.weights_fn(index, normed))
         return hook
 
     @contextlib.contextmanager
@@ -158,4 +184,5 @@ class ExpertModel:
 
     def clear(self) -> None:
         for routing in self.routing:
-            routing.weights, routing.recorded = None, None
+            routing.set(None)
+            routing.recorded = None

@@ -32,7 +32,7 @@ from torch import nn
 
 from evolora.data.prompting import Encoded
 from evolora.methods.base import Method
-from evolora.methods.experts import ExpertModel, decoder_layers
+from evolora.methods.experts import ExpertModel, Route, decoder_layers
 from evolora.methods.locator import LocatorHooks, LocatorOptions
 from evolora.methods.registry import register
 
@@ -83,21 +83,22 @@ class MixedFFN(nn.Module):
         self.mlp, self.routing = mlp, routing
 
     def forward(self, x):
-        w = self.routing.weights
-        if w is None:
-            return self.mlp(x)
-        g_shared = w[..., :1]
-        task_w = torch.cat([torch.zeros_like(g_shared), w[..., 1:]], dim=-1)
-        g_task = task_w.sum(-1, keepdim=True)
-        shared_only = torch.zeros_like(w)
-        shared_only[..., 0] = 1
-        self.routing.weights = torch.cat([shared_only, task_w / g_task.clamp(min=1e-9)])
+        routing = self.routing
+        w, chosen = routing.weights, routing.experts  # a Route: slot 0 the shared expert, slot 1 the task's
+        if w is None or w.shape[-1] == 1:  # no experts, or the shared expert alone
+            out = self.mlp(x)
+            if w is not None and routing.record == "ffn":
+                routing.recorded = out
+            return out
+        slots = torch.eye(2, device=w.device, dtype=w.dtype)
+        routing.weights = torch.cat([slots[0].expand_as(w), slots[1].expand_as(w)])
+        routing.experts = torch.cat([chosen, chosen])
         out = self.mlp(torch.cat([x, x]))
-        self.routing.weights = w
+        routing.weights, routing.experts = w, chosen
         out_shared, out_task = out.chunk(2)
-        if self.routing.record == "ffn":
-            self.routing.recorded = out_shared
-        return g_shared.to(out.dtype) * out_shared + g_task.to(out.dtype) * out_task
+        if routing.record == "ffn":
+            routing.recorded = out_shared
+        return w[..., :1].to(out.dtype) * out_shared + w[..., 1:].to(out.dtype) * out_task
 
 
 @register
@@ -168,29 +169,25 @@ class MoECL(LocatorHooks, Method):
         self.container.discriminators.requires_grad_(True)
 
     # --- routing --------------------------------------------------------------------------------
-    def _weights(self, layer: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _weights(self, layer: int, x: torch.Tensor) -> Route:
+        """Each sample's shared expert (slot 0) and task expert (slot 1), weighted per token by the task's gate."""
         routing = self.experts.routing[layer]
         routing.record = self.record_name if (self.model.training and str(layer) in self.container.discriminators) \
             else None
-        n_experts = self.experts.num_experts(layer)
         batch, length = x.shape[:2]
         if self.sample_tasks is not None:
             tasks = self.sample_tasks.to(x.device)
         else:
             task = self.current if self.fixed_task is None else self.fixed_task
             if task < 0:  # no task known: the shared expert alone
-                weights = torch.zeros(batch, length, n_experts, device=x.device, dtype=x.dtype)
-                weights[..., 0] = 1
-                return weights
+                return Route(torch.zeros(batch, 1, device=x.device, dtype=torch.long),
+                             torch.ones(batch, length, 1, device=x.device, dtype=x.dtype))
             tasks = torch.full((batch,), task, device=x.device, dtype=torch.long)
         gates = self.container.gates[layer]
         W = torch.stack([g.weight for g in gates])[tasks]  # [B, 2, d]
         b = torch.stack([g.bias for g in gates])[tasks]    # [B, 2]
         g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
-        task_column = F.one_hot(tasks + 1, n_experts).to(g.dtype).unsqueeze(1)  # [B, 1, E]
-        shared_column = torch.zeros(n_experts, device=x.device, dtype=g.dtype)
-        shared_column[0] = 1
-        return g[..., :1] * shared_column + g[..., 1:] * task_column
+        return Route(torch.stack([torch.zeros_like(tasks), tasks + 1], dim=1), g)
 
     @contextlib.contextmanager
     def route(self, task_index):
