@@ -155,6 +155,7 @@ def test_save_load_gives_identical_outputs(tmp_path, tiny_config):
     ({"r": 0}, "method.options: r must be > 0"),
     ({"mixing": "sum"}, "method.options.mixing"),
     ({"discriminator_layers": [99]}, "discriminator_layers: layer 99 does not exist"),
+    ({"reassign_margin": 1.5}, "method.options: need reassign_examples >= 0 and 0 <= reassign_margin < 1"),
 ])
 def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -198,3 +199,51 @@ def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, ti
     bad = tiny_config(tmp_path, "moe_cl", method={"addons": {"replay": {"per_task": -1}}})
     with pytest.raises(ConfigError, match=r"method.addons.replay: per_task must be >= 0"):
         build_config(bad)
+
+
+def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_config, monkeypatch):
+    """After each stage, an old task compares its answerer with the new expert, the new task every expert;
+    a move needs a loss lower by more than the margin."""
+    ctx, method = moe_context(tmp_path, tiny_config, reassign_examples=2, reassign_margin=0.1)
+    table = {1: {(0, 0): 1.0, (0, 1): 0.5, (1, 0): 0.95, (1, 1): 1.0},
+             2: {(0, 1): 0.5, (0, 2): 0.3, (1, 1): 1.0, (1, 2): 0.95, (2, 0): 0.2, (2, 1): 0.6, (2, 2): 0.25}}
+    asked = []
+
+    def fake_loss(examples, expert_task, ctx_):
+        task = examples[0].task_index
+        asked.append((task, expert_task))
+        return table[stage][(task, expert_task)]
+
+    monkeypatch.setattr(method, "_answer_loss", fake_loss)
+    for stage in (1, 2):
+        method.grow(stage, ctx)
+        method.reassign(stage, ctx)
+        if stage == 1:
+            assert method.answerer[:2].tolist() == [1, 1]  # 0.5 < 0.9 * 1.0 moves; 0.95 vs 1.0 does not
+    # stage 2: task 0 compares its answerer (1) with the new expert 2; task 2 compares all three
+    assert sorted(asked[4:]) == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert method.answerer.tolist() == [2, 1, 0]
+    assert method.answerers() == {t.name: ctx.tasks[e].name for t, e in zip(ctx.tasks, [2, 1, 0])}
+
+
+def test_a_reassigned_task_is_answered_by_its_answerers_expert_and_gate_after_reload(tmp_path, tiny_config):
+    from evolora.reload import load_run
+
+    raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 2, "reassign_examples": 3}},
+                      data={"max_tasks": 2}, train={"lr": 5e-2})
+    record = run(build_config(raw))
+    answered = record["method_metrics"]["answerer"]
+    assert list(answered) == record["stream"]["tasks"]
+    ctx, method = load_run(tmp_path / "run")
+    assert method.answerers() == answered  # the map travels in the checkpoint
+    _, again = load_run(tmp_path / "run", ["method.options.reassign_examples=2"])
+    assert {t: set(losses) for t, losses in again.reassign_losses.items()} == \
+        {t: set(record["stream"]["tasks"]) for t in record["stream"]["tasks"]}  # every expert for every task
+    method.answerer[0] = 1
+    with torch.no_grad(), method._use_expert(1):
+        batch = collate_train(ctx.encode_train(0)[:4], ctx.tokenizer.pad_token_id).to(ctx.device)
+        by_expert_1 = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids).logits
+    assert torch.equal(logits_on(ctx, method, 0), by_expert_1)
+    method.answerer[0] = 0
+    assert not torch.equal(logits_on(ctx, method, 0), by_expert_1)

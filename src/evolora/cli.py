@@ -54,7 +54,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
           task_id: Optional[str] = typer.Option(None, "--task-id", help="Expert methods: oracle or locate "
                                                 "(default: the run's)."),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE over the run's config; "
-                                                   "method.options.locator* refits the task locator."),
+                                                   "method.options.locator* refits the task locator, "
+                                                   "method.options.reassign* (moe_cl) reassigns experts."),
           ) -> None:
     """Re-evaluate a finished run's final model on every task of its stream."""
     from evolora.reload import evaluate_run
@@ -68,6 +69,9 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
     if "locator" in result:
         _echo(f"locator accuracy {result['locator']:.1f} % ("
               + ", ".join(f"{k} {v:.1f} %" for k, v in result["locator_by_kind"].items()) + ")")
+    moved = {t: e for t, e in result.get("answerer", {}).items() if t != e}
+    if moved:
+        _echo("answered by another task's expert: " + ", ".join(f"{t} by {e}" for t, e in moved.items()))
     _echo(f"mean {result['mean']:.2f}  (written to {Path(run_dir) / 'eval.json'})")
 
 

@@ -22,7 +22,8 @@ from evolora.state import read_progress
 def load_run(run_dir: Path, overrides: list[str] = ()):
     """The finished run's model. Overrides of `method.options.locator*` refit the task locator with the new
     options: its features come from the frozen base model and each task's train inputs, so a refit after
-    the run gives what fitting during the run would have."""
+    the run gives what fitting during the run would have. Overrides of `method.options.reassign*` (moe_cl)
+    choose every task's answering expert anew among all experts."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml", overrides)
     ctx, method = build_context(config, run_dir, log=lambda _: None)
@@ -38,6 +39,9 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
     if refit:
         for stage in range(len(ctx.stages)):
             method.fit_locator(stage, ctx)
+    if any(o.split("=", 1)[0].strip().startswith("method.options.reassign") for o in overrides) \
+            and getattr(method.options, "reassign_examples", 0):
+        method.reassign(len(ctx.stages) - 1, ctx, every_expert=True)
     ctx.model.eval()
     return ctx, method
 
@@ -66,6 +70,9 @@ def _evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
         if path is not None:
             write_predictions(ctx, path, info["predictions"], label)
         extra = {}
+    if hasattr(method, "answerers") and method.options.reassign_examples:
+        extra["answerer"] = method.answerers()
+        extra["reassign_losses"] = method.reassign_losses
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
               "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
               **extra}

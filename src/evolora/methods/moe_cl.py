@@ -17,7 +17,14 @@ loss), routed to their own experts, and serve only the adversarial term. 0 = the
 
 The base model and the experts and gates of finished tasks are frozen; the shared expert and the
 discriminators train throughout. Inference routes by task id (`route(t)`), given by the oracle or by a
-task locator."""
+task locator.
+
+Reassignment (`reassign_examples` > 0, not in the paper): a frozen task expert learns nothing from later
+tasks, so when a later task teaches what an earlier one needed (amazon reviews after yelp reviews), the
+earlier task cannot use it. With a few labelled train examples kept per task, after each stage every seen
+task is answered by the expert (with its gate) whose answer loss on that task's examples is lowest: an old
+task compares its current answerer with the new experts, the new task compares every expert. A task moves
+only when the loss falls by more than `reassign_margin` (a loss from a handful of examples is noisy)."""
 
 from __future__ import annotations
 
@@ -37,6 +44,10 @@ from evolora.methods.locator import LocatorHooks, LocatorOptions
 from evolora.methods.registry import register
 
 
+ANSWERER = "moe_cl.answerer"
+"""The checkpoint's name for the task -> answering expert map."""
+
+
 @dataclass
 class MoECLOptions(LocatorOptions):
     mixing: Literal["proj", "ffn"] = "proj"
@@ -47,10 +58,17 @@ class MoECLOptions(LocatorOptions):
     discriminator_hidden: int = 64
     memory_per_task: int = 16
     """Prompts of each earlier task kept for the adversarial term; 0 = only the current task (reference)."""
+    reassign_examples: int = 0
+    """Labelled train examples kept per task to choose which expert answers it (see the module docstring);
+    0 = every task keeps its own expert (the paper)."""
+    reassign_margin: float = 0.1
+    """A task moves to another expert only when its answer loss there is lower by more than this fraction."""
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reassign_examples < 0 or not 0 <= self.reassign_margin < 1:
+            raise ValueError("need reassign_examples >= 0 and 0 <= reassign_margin < 1")
         if self.dropout:
             raise ValueError("dropout is not supported by moe_cl experts (use 0)")
         if self.adversarial_weight < 0 or self.memory_per_task < 0 or self.discriminator_hidden < 1:
@@ -110,6 +128,7 @@ class MoECL(LocatorHooks, Method):
         opts = self.options
         self.model = model
         self.num_tasks = len(ctx.tasks)
+        self.tasks = ctx.tasks
         self.experts = ExpertModel.install(model, opts, self._weights)
         n_layers, hidden = len(self.experts.layers), self.experts.hidden_size
         for layer in range(n_layers):
@@ -139,6 +158,9 @@ class MoECL(LocatorHooks, Method):
         self.container = container
         self.setup_locator(model, ctx)
         self.current = 0
+        self.answerer = torch.arange(self.num_tasks)
+        """Which task's expert and gate answer each task at inference (itself unless reassigned)."""
+        self.reassign_losses: dict[str, dict[str, float]] = {}
         self.fixed_task: Optional[int] = None
         self.sample_tasks: Optional[torch.Tensor] = None
         self.disc_correct = self.disc_total = 0
@@ -191,9 +213,15 @@ class MoECL(LocatorHooks, Method):
 
     @contextlib.contextmanager
     def route(self, task_index):
-        previous = self.fixed_task
         trained = len(self.container.gates[0])  # a task without an expert yet (FWT) gets the shared expert alone
-        self.fixed_task = -1 if task_index is None or task_index >= trained else task_index
+        known = task_index is not None and task_index < trained
+        with self._use_expert(int(self.answerer[task_index]) if known else -1):
+            yield
+
+    @contextlib.contextmanager
+    def _use_expert(self, task: int):
+        """Task `task`'s expert and gate (-1: the shared expert alone), whichever task is answered."""
+        previous, self.fixed_task = self.fixed_task, task
         try:
             yield
         finally:
@@ -240,13 +268,76 @@ class MoECL(LocatorHooks, Method):
     def after_task(self, stage, ctx):
         self.experts.clear()
         self.fit_locator(stage, ctx)
+        if self.options.reassign_examples:
+            self.reassign(stage, ctx)
+
+    # --- reassignment ---------------------------------------------------------------------------
+    def _labelled_memory(self, task_index: int, ctx) -> list[Encoded]:
+        task = ctx.tasks[task_index]
+        rng = random.Random(f"moe_cl-reassign:{self.options.seed}:{task.name}")
+        chosen = sorted(rng.sample(range(len(task.train)), min(self.options.reassign_examples, len(task.train))))
+        return [ctx.prompts.encode_train(task, task.train[i], task_index) for i in chosen]
+
+    @torch.no_grad()
+    def _answer_loss(self, examples: list[Encoded], expert_task: int, ctx) -> float:
+        """Mean answer loss of the examples with task `expert_task`'s expert and gate (and the shared expert)."""
+        from evolora.data.batching import collate_train
+        from evolora.engine import answer_loss
+
+        self.model.eval()
+        size = ctx.config.eval.batch_size
+        total = 0.0
+        with ctx.accelerator.autocast(), self._use_expert(expert_task):
+            for start in range(0, len(examples), size):
+                part = examples[start:start + size]
+                batch = collate_train(part, ctx.tokenizer.pad_token_id).to(ctx.device)
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1)
+                total += answer_loss(out.logits, batch.labels).item() * len(part)
+        self.experts.clear()
+        return total / len(examples)
+
+    def reassign(self, stage: int, ctx, every_expert: bool = False) -> None:
+        """Chooses the answerer of every task seen up to `stage` (module docstring); `every_expert` compares
+        all experts for every task (a finished run re-evaluated with reassignment switched on)."""
+        seen = sorted({t for s in range(stage + 1) for t in ctx.stages[s]})
+        new = set(ctx.stages[stage])
+        margin = self.options.reassign_margin
+        for t in seen:
+            current = t if (t in new or every_expert) else int(self.answerer[t])
+            candidates = seen if (t in new or every_expert) else sorted({current, *new})
+            examples = self._labelled_memory(t, ctx)
+            losses = {e: self._answer_loss(examples, e, ctx) for e in candidates}
+            best = min(losses, key=losses.get)
+            self.answerer[t] = best if losses[best] < (1 - margin) * losses[current] else current
+            self.reassign_losses[ctx.tasks[t].name] = {ctx.tasks[e].name: round(v, 4) for e, v in losses.items()}
+
+    def checkpoint_state(self, model):
+        return {**super().checkpoint_state(model), ANSWERER: self.answerer.clone()}
+
+    def load_checkpoint_state(self, model, state):
+        state = dict(state)
+        answerer = state.pop(ANSWERER, None)
+        super().load_checkpoint_state(model, state)
+        if answerer is not None:
+            self.answerer = answerer.to(torch.long).clone()
 
     def stage_metrics(self, stage):
         out = super().stage_metrics(stage)
         if self.disc_total:
             out["discriminator_train_accuracy"] = 100.0 * self.disc_correct / self.disc_total
+        if self.options.reassign_examples:
+            out["answerer"] = self.answerers()
+            out["reassign_losses"] = dict(self.reassign_losses)
         return out
 
+    def answerers(self) -> dict[str, str]:
+        names = [t.name for t in self.tasks]
+        return {names[t]: names[int(e)] for t, e in enumerate(self.answerer) if t < len(self.container.gates[0])}
+
     def extra_metrics(self):
-        return {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
-                "adversarial_weight": self.options.adversarial_weight}
+        out = {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
+               "adversarial_weight": self.options.adversarial_weight}
+        if self.options.reassign_examples:
+            out["answerer"] = self.answerers()
+        return out
