@@ -1,4 +1,5 @@
-"""MoE-CL on a tiny model: freezing, gate, adversarial gradient, both mixing modes, save/load, config errors."""
+"""MoE-CL on a tiny model: freezing, gate, adversarial gradient, both mixing modes, save/load, config errors,
+shared snapshots and reassignment."""
 
 import pytest
 import torch
@@ -128,14 +129,18 @@ def test_ffn_and_proj_mixing_differ_once_experts_are_trained(tmp_path, tiny_conf
     assert not torch.allclose(outs["proj"], outs["ffn"], atol=1e-4)
 
 
-def test_save_load_gives_identical_outputs(tmp_path, tiny_config):
+@pytest.mark.parametrize("snapshots", [False, True])
+def test_save_load_gives_identical_outputs(tmp_path, tiny_config, snapshots):
     import json
 
     from evolora.reload import evaluate_run, load_run
 
-    raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 2}}, data={"max_tasks": 2},
+    raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 2, "shared_snapshots": snapshots}},
+                      data={"max_tasks": 2},
                       train={"lr": 5e-2})
     record = run(build_config(raw))
+    if snapshots:  # task 0 answers at the end as it did after its own stage
+        assert record["R"][-1][0] == record["R"][0][0]
     ctx, method = load_run(tmp_path / "run")
     ctx2, method2 = load_run(tmp_path / "run")
     for task in range(2):
@@ -247,3 +252,29 @@ def test_a_reassigned_task_is_answered_by_its_answerers_expert_and_gate_after_re
     assert torch.equal(logits_on(ctx, method, 0), by_expert_1)
     method.answerer[0] = 0
     assert not torch.equal(logits_on(ctx, method, 0), by_expert_1)
+
+
+@pytest.mark.parametrize("mixing", ["proj", "ffn"])
+def test_shared_snapshots_keep_an_old_tasks_outputs_exactly(tmp_path, tiny_config, mixing):
+    """With shared snapshots, task 0 answers after task 1 exactly as it did after its own stage (the paper's
+    form changes, through the live shared expert); the current task reads the live shared expert."""
+    outputs = {}
+    for snapshots in (False, True):
+        ctx, method = moe_context(tmp_path / str(snapshots), tiny_config, mixing=mixing, shared_snapshots=snapshots)
+        ctx.config.train.lr = 5e-2
+        train_through(ctx, method, 1)
+        ctx.model.eval()
+        before = logits_on(ctx, method, 0)
+        train_through(ctx, method, 2, start=1)
+        ctx.model.eval()
+        outputs[snapshots] = (before, logits_on(ctx, method, 0))
+        if snapshots:
+            assert method.experts.num_experts(0) == 5  # shared, then (expert, snapshot) per task
+            live = expert_snapshot(method, 0)
+            assert any(not torch.equal(a, b) for a, b in zip(live, expert_snapshot(method, 2)))  # 0's copy stays
+            assert all(torch.equal(a, b) for a, b in zip(live, expert_snapshot(method, 4)))  # 1's copy is fresh
+            trainable = {id(p) for p in ctx.model.parameters() if p.requires_grad}
+            assert {id(p) for p in method.experts.expert_parameters(0, 3)} <= trainable
+            assert not {id(p) for p in method.experts.expert_parameters(0, 2)} & trainable
+    assert not torch.equal(*outputs[False])
+    assert torch.equal(*outputs[True])

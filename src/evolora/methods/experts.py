@@ -176,6 +176,13 @@ class ExpertModel:
         for linear in self.linears[layer].values():
             linear.remove_last_expert()
 
+    @torch.no_grad()
+    def copy_expert(self, layer: int, source: int, target: int) -> None:
+        """Overwrites expert `target`'s weights with expert `source`'s (in every projection of the layer)."""
+        for linear in self.linears[layer].values():
+            linear.lora_A[target].copy_(linear.lora_A[source])
+            linear.lora_B[target].copy_(linear.lora_B[source])
+
     def num_experts(self, layer: int) -> int:
         return next(iter(self.linears[layer].values())).num_experts
 

@@ -19,6 +19,10 @@ The base model and the experts and gates of finished tasks are frozen; the share
 discriminators train throughout. Inference routes by task id (`route(t)`), given by the oracle or by a
 task locator.
 
+Shared snapshots (`shared_snapshots`, not in the paper): expert 1+2t is task t's and 2+2t a frozen copy of
+the shared expert taken when task t finished; a task that is not the latest reads its copy, so later
+training of the shared expert (which is what makes the paper's form forget) no longer reaches it.
+
 Reassignment (`reassign_examples` > 0, not in the paper): a frozen task expert learns nothing from later
 tasks, so when a later task teaches what an earlier one needed (amazon reviews after yelp reviews), the
 earlier task cannot use it. With a few labelled train examples kept per task, after each stage every seen
@@ -58,6 +62,10 @@ class MoECLOptions(LocatorOptions):
     discriminator_hidden: int = 64
     memory_per_task: int = 16
     """Prompts of each earlier task kept for the adversarial term; 0 = only the current task (reference)."""
+    shared_snapshots: bool = False
+    """Each task keeps a frozen copy of the shared expert as it was when the task finished and reads that
+    copy once a later task trains: old tasks cannot forget through the shared expert (one more expert of
+    parameters per task). Off = the paper: every task reads the live shared expert."""
     reassign_examples: int = 0
     """Labelled train examples kept per task to choose which expert answers it (see the module docstring);
     0 = every task keeps its own expert (the paper)."""
@@ -167,10 +175,18 @@ class MoECL(LocatorHooks, Method):
         return model
 
     # --- structure ------------------------------------------------------------------------------
+    @property
+    def _stride(self) -> int:
+        return 2 if self.options.shared_snapshots else 1
+
+    def _expert_of(self, task):
+        """Index of task `task`'s expert (an int or a tensor of task ids); its shared snapshot follows it."""
+        return 1 + self._stride * task
+
     def grow(self, stage, ctx):
         device = next(self.model.parameters()).device
         for layer in range(len(self.experts.layers)):
-            while self.experts.num_experts(layer) < stage + 2:
+            while self.experts.num_experts(layer) < 1 + self._stride * (stage + 1):
                 self.experts.add_expert(layer)
             gates = self.container.gates[layer]
             while len(gates) < stage + 1:
@@ -185,14 +201,15 @@ class MoECL(LocatorHooks, Method):
     def _set_trainable(self, stage: int) -> None:
         self.model.requires_grad_(False)
         for layer in range(len(self.experts.layers)):
-            for p in self.experts.expert_parameters(layer, 0) + self.experts.expert_parameters(layer, stage + 1):
+            for p in self.experts.expert_parameters(layer, 0) + self.experts.expert_parameters(layer, self._expert_of(stage)):
                 p.requires_grad_(True)
             self.container.gates[layer][stage].requires_grad_(True)
         self.container.discriminators.requires_grad_(True)
 
     # --- routing --------------------------------------------------------------------------------
     def _weights(self, layer: int, x: torch.Tensor) -> Route:
-        """Each sample's shared expert (slot 0) and task expert (slot 1), weighted per token by the task's gate."""
+        """Each sample's shared expert (slot 0: the live one, or at inference its task's snapshot once a later
+        task has trained) and task expert (slot 1), weighted per token by the task's gate."""
         routing = self.experts.routing[layer]
         routing.record = self.record_name if (self.model.training and str(layer) in self.container.discriminators) \
             else None
@@ -209,7 +226,10 @@ class MoECL(LocatorHooks, Method):
         W = torch.stack([g.weight for g in gates])[tasks]  # [B, 2, d]
         b = torch.stack([g.bias for g in gates])[tasks]    # [B, 2]
         g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
-        return Route(torch.stack([torch.zeros_like(tasks), tasks + 1], dim=1), g)
+        shared = torch.zeros_like(tasks)
+        if self.options.shared_snapshots and not self.model.training:
+            shared = torch.where(tasks < self.current, self._expert_of(tasks) + 1, shared)
+        return Route(torch.stack([shared, self._expert_of(tasks)], dim=1), g)
 
     @contextlib.contextmanager
     def route(self, task_index):
@@ -267,6 +287,9 @@ class MoECL(LocatorHooks, Method):
 
     def after_task(self, stage, ctx):
         self.experts.clear()
+        if self.options.shared_snapshots:
+            for layer in range(len(self.experts.layers)):
+                self.experts.copy_expert(layer, 0, self._expert_of(stage) + 1)
         self.fit_locator(stage, ctx)
         if self.options.reassign_examples:
             self.reassign(stage, ctx)
