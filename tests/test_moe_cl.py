@@ -278,3 +278,4 @@ def test_shared_snapshots_keep_an_old_tasks_outputs_exactly(tmp_path, tiny_confi
             assert not {id(p) for p in method.experts.expert_parameters(0, 2)} & trainable
     assert not torch.equal(*outputs[False])
     assert torch.equal(*outputs[True])
+    assert torch.equal(outputs[False][0], outputs[True][0])  # snapshots change no training: same first stage

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -169,6 +170,7 @@ class MoECL(LocatorHooks, Method):
         self.answerer = torch.arange(self.num_tasks)
         """Which task's expert and gate answer each task at inference (itself unless reassigned)."""
         self.reassign_losses: dict[str, dict[str, float]] = {}
+        self.reassign_s = 0.0
         self.fixed_task: Optional[int] = None
         self.sample_tasks: Optional[torch.Tensor] = None
         self.disc_correct = self.disc_total = 0
@@ -187,7 +189,9 @@ class MoECL(LocatorHooks, Method):
         device = next(self.model.parameters()).device
         for layer in range(len(self.experts.layers)):
             while self.experts.num_experts(layer) < 1 + self._stride * (stage + 1):
-                self.experts.add_expert(layer)
+                # a snapshot slot starts as a copy (no random draw, so the task experts' inits are the paper's)
+                snapshot = self.options.shared_snapshots and self.experts.num_experts(layer) % 2 == 0
+                self.experts.add_expert(layer, copy_from=0 if snapshot else None)
             gates = self.container.gates[layer]
             while len(gates) < stage + 1:
                 gate = nn.Linear(self.experts.hidden_size, 2).to(device)
@@ -323,6 +327,7 @@ class MoECL(LocatorHooks, Method):
     def reassign(self, stage: int, ctx, every_expert: bool = False) -> None:
         """Chooses the answerer of every task seen up to `stage` (module docstring); `every_expert` compares
         all experts for every task (a finished run re-evaluated with reassignment switched on)."""
+        started = time.perf_counter()
         seen = sorted({t for s in range(stage + 1) for t in ctx.stages[s]})
         new = set(ctx.stages[stage])
         margin = self.options.reassign_margin
@@ -334,6 +339,7 @@ class MoECL(LocatorHooks, Method):
             best = min(losses, key=losses.get)
             self.answerer[t] = best if losses[best] < (1 - margin) * losses[current] else current
             self.reassign_losses[ctx.tasks[t].name] = {ctx.tasks[e].name: round(v, 4) for e, v in losses.items()}
+        self.reassign_s = time.perf_counter() - started
 
     def checkpoint_state(self, model):
         return {**super().checkpoint_state(model), ANSWERER: self.answerer.clone()}
@@ -352,6 +358,7 @@ class MoECL(LocatorHooks, Method):
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
             out["reassign_losses"] = dict(self.reassign_losses)
+            out["reassign_s"] = self.reassign_s
         return out
 
     def answerers(self) -> dict[str, str]:
