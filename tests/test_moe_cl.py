@@ -214,20 +214,21 @@ def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_
              2: {(0, 1): 0.5, (0, 2): 0.3, (1, 1): 1.0, (1, 2): 0.95, (2, 0): 0.2, (2, 1): 0.6, (2, 2): 0.25}}
     asked = []
 
-    def fake_loss(examples, expert_task, ctx_):
-        task = examples[0].task_index
-        asked.append((task, expert_task))
-        return table[stage][(task, expert_task)]
+    def fake_loss(examples, answer, ctx_):
+        task, (expert, shared) = examples[0].task_index, answer
+        assert expert == shared  # no snapshots: an expert always comes with the live shared expert
+        asked.append((task, expert))
+        return table[stage][(task, expert)]
 
     monkeypatch.setattr(method, "_answer_loss", fake_loss)
     for stage in (1, 2):
         method.grow(stage, ctx)
         method.reassign(stage, ctx)
         if stage == 1:
-            assert method.answerer[:2].tolist() == [1, 1]  # 0.5 < 0.9 * 1.0 moves; 0.95 vs 1.0 does not
+            assert method.answerer[:2, 0].tolist() == [1, 1]  # 0.5 < 0.9 * 1.0 moves; 0.95 vs 1.0 does not
     # stage 2: task 0 compares its answerer (1) with the new expert 2; task 2 compares all three
     assert sorted(asked[4:]) == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
-    assert method.answerer.tolist() == [2, 1, 0]
+    assert method.answerer[:, 0].tolist() == [2, 1, 0]
     assert method.answerers() == {t.name: ctx.tasks[e].name for t, e in zip(ctx.tasks, [2, 1, 0])}
 
 
@@ -244,13 +245,13 @@ def test_a_reassigned_task_is_answered_by_its_answerers_expert_and_gate_after_re
     _, again = load_run(tmp_path / "run", ["method.options.reassign_examples=2"])
     assert {t: set(losses) for t, losses in again.reassign_losses.items()} == \
         {t: set(record["stream"]["tasks"]) for t in record["stream"]["tasks"]}  # every expert for every task
-    method.answerer[0] = 1
+    method.answerer[0] = torch.tensor([1, 1])
     with torch.no_grad(), method._use_expert(1):
         batch = collate_train(ctx.encode_train(0)[:4], ctx.tokenizer.pad_token_id).to(ctx.device)
         by_expert_1 = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=batch.position_ids).logits
     assert torch.equal(logits_on(ctx, method, 0), by_expert_1)
-    method.answerer[0] = 0
+    method.answerer[0] = torch.tensor([0, 0])
     assert not torch.equal(logits_on(ctx, method, 0), by_expert_1)
 
 
@@ -279,3 +280,32 @@ def test_shared_snapshots_keep_an_old_tasks_outputs_exactly(tmp_path, tiny_confi
     assert not torch.equal(*outputs[False])
     assert torch.equal(*outputs[True])
     assert torch.equal(outputs[False][0], outputs[True][0])  # snapshots change no training: same first stage
+
+
+def test_with_snapshots_an_old_task_can_take_the_newest_shared_expert(tmp_path, tiny_config, monkeypatch):
+    ctx, method = moe_context(tmp_path, tiny_config, shared_snapshots=True, reassign_examples=2)
+    method.grow(0, ctx)
+    for layer in range(len(method.experts.layers)):
+        for p in method.experts.expert_parameters(layer, 0) + method.experts.expert_parameters(layer, 1):
+            torch.nn.init.normal_(p, std=0.1)
+        method.experts.copy_expert(layer, 0, 2)  # task 0's snapshot, as after_task takes it
+    method.grow(1, ctx)
+    for layer in range(len(method.experts.layers)):
+        for p in method.experts.expert_parameters(layer, 0):
+            torch.nn.init.normal_(p, std=0.1)  # the shared expert trained on task 1
+    losses = {(0, (0, 0)): 1.0, (0, (0, 1)): 0.5, (0, (1, 1)): 0.8, (1, (0, 0)): 1.0, (1, (1, 1)): 1.0}
+    monkeypatch.setattr(method, "_answer_loss", lambda ex, answer, c: losses[(ex[0].task_index, answer)])
+    method.reassign(1, ctx)
+    assert method.answerer.tolist()[:2] == [[0, 1], [1, 1]]
+    assert method.answerers()[ctx.tasks[0].name] == f"{ctx.tasks[0].name} with {ctx.tasks[1].name}'s shared"
+    ctx.model.eval()
+    with torch.no_grad():
+        batch = collate_train(ctx.encode_train(0)[:4], ctx.tokenizer.pad_token_id).to(ctx.device)
+
+        def logits(context):
+            with context:
+                return ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids).logits
+        routed = logits(method.route(0))
+        assert torch.equal(routed, logits(method._use_expert(0, 1)))  # its expert, the live shared expert
+        assert not torch.equal(routed, logits(method._use_expert(0, 0)))  # not its snapshot

@@ -27,8 +27,10 @@ Reassignment (`reassign_examples` > 0, not in the paper): a frozen task expert l
 tasks, so when a later task teaches what an earlier one needed (amazon reviews after yelp reviews), the
 earlier task cannot use it. With a few labelled train examples kept per task, after each stage every seen
 task is answered by the expert (with its gate) whose answer loss on that task's examples is lowest: an old
-task compares its current answerer with the new experts, the new task compares every expert. A task moves
-only when the loss falls by more than `reassign_margin` (a loss from a handful of examples is noisy)."""
+task compares its current answerer with the new experts, the new task compares every expert. With shared
+snapshots a task may also take the newest shared expert with its own expert (where a later related task
+taught the shared expert what it needs) instead of its snapshot. A task moves only when the loss falls by
+more than `reassign_margin` (a loss from a handful of examples is noisy)."""
 
 from __future__ import annotations
 
@@ -167,8 +169,9 @@ class MoECL(LocatorHooks, Method):
         self.container = container
         self.setup_locator(model, ctx)
         self.current = 0
-        self.answerer = torch.arange(self.num_tasks)
-        """Which task's expert and gate answer each task at inference (itself unless reassigned)."""
+        self.answerer = torch.arange(self.num_tasks).repeat(2, 1).T.contiguous()
+        """Per task at inference: the task whose expert and gate answer it, and (with shared snapshots) the
+        task whose shared snapshot does; itself for both unless reassigned."""
         self.reassign_losses: dict[str, dict[str, float]] = {}
         self.reassign_s = 0.0
         self.fixed_task: Optional[int] = None
@@ -221,7 +224,7 @@ class MoECL(LocatorHooks, Method):
         if self.sample_tasks is not None:
             tasks = self.sample_tasks.to(x.device)
         else:
-            task = self.current if self.fixed_task is None else self.fixed_task
+            task = self.current if self.fixed_task is None else self.fixed_task[0]
             if task < 0:  # no task known: the shared expert alone
                 return Route(torch.zeros(batch, 1, device=x.device, dtype=torch.long),
                              torch.ones(batch, length, 1, device=x.device, dtype=x.dtype))
@@ -232,20 +235,23 @@ class MoECL(LocatorHooks, Method):
         g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
         shared = torch.zeros_like(tasks)
         if self.options.shared_snapshots and not self.model.training:
-            shared = torch.where(tasks < self.current, self._expert_of(tasks) + 1, shared)
+            source = tasks if self.fixed_task is None or self.sample_tasks is not None \
+                else torch.full_like(tasks, self.fixed_task[1])
+            shared = torch.where(source < self.current, self._expert_of(source) + 1, shared)
         return Route(torch.stack([shared, self._expert_of(tasks)], dim=1), g)
 
     @contextlib.contextmanager
     def route(self, task_index):
         trained = len(self.container.gates[0])  # a task without an expert yet (FWT) gets the shared expert alone
         known = task_index is not None and task_index < trained
-        with self._use_expert(int(self.answerer[task_index]) if known else -1):
+        with self._use_expert(*self.answerer[task_index].tolist()) if known else self._use_expert(-1):
             yield
 
     @contextlib.contextmanager
-    def _use_expert(self, task: int):
-        """Task `task`'s expert and gate (-1: the shared expert alone), whichever task is answered."""
-        previous, self.fixed_task = self.fixed_task, task
+    def _use_expert(self, task: int, shared_of: Optional[int] = None):
+        """Task `task`'s expert and gate (-1: the shared expert alone), whichever task is answered, with the
+        shared snapshot of task `shared_of` (default `task`; the live shared expert for the latest task)."""
+        previous, self.fixed_task = self.fixed_task, (task, task if shared_of is None else shared_of)
         try:
             yield
         finally:
@@ -306,15 +312,16 @@ class MoECL(LocatorHooks, Method):
         return [ctx.prompts.encode_train(task, task.train[i], task_index) for i in chosen]
 
     @torch.no_grad()
-    def _answer_loss(self, examples: list[Encoded], expert_task: int, ctx) -> float:
-        """Mean answer loss of the examples with task `expert_task`'s expert and gate (and the shared expert)."""
+    def _answer_loss(self, examples: list[Encoded], answer: tuple[int, int], ctx) -> float:
+        """Mean answer loss of the examples answered by `answer`: (task whose expert and gate, task whose
+        shared snapshot)."""
         from evolora.data.batching import collate_train
         from evolora.engine import answer_loss
 
         self.model.eval()
         size = ctx.config.eval.batch_size
         total = 0.0
-        with ctx.accelerator.autocast(), self._use_expert(expert_task):
+        with ctx.accelerator.autocast(), self._use_expert(*answer):
             for start in range(0, len(examples), size):
                 part = examples[start:start + size]
                 batch = collate_train(part, ctx.tokenizer.pad_token_id).to(ctx.device)
@@ -329,17 +336,30 @@ class MoECL(LocatorHooks, Method):
         all experts for every task (a finished run re-evaluated with reassignment switched on)."""
         started = time.perf_counter()
         seen = sorted({t for s in range(stage + 1) for t in ctx.stages[s]})
-        new = set(ctx.stages[stage])
+        new = sorted(ctx.stages[stage])
+        latest = new[-1]  # its snapshot is the shared expert as it is now
         margin = self.options.reassign_margin
+        names = [t.name for t in ctx.tasks]
         for t in seen:
-            current = t if (t in new or every_expert) else int(self.answerer[t])
-            candidates = seen if (t in new or every_expert) else sorted({current, *new})
+            fresh = t in new or every_expert
+            current = (t, t) if fresh else tuple(self.answerer[t].tolist())
+            # every expert with its own shared snapshot; the task's expert with the newest shared expert (a
+            # later task may have taught the shared expert what this one needs); the current answer
+            candidates = {(e, e) for e in (seen if fresh else new)} | {(current[0], latest), current}
+            if not self.options.shared_snapshots:
+                candidates = {(e, e) for e, _ in candidates}
+                current = (current[0], current[0])
             examples = self._labelled_memory(t, ctx)
-            losses = {e: self._answer_loss(examples, e, ctx) for e in candidates}
+            losses = {c: self._answer_loss(examples, c, ctx) for c in sorted(candidates)}
             best = min(losses, key=losses.get)
-            self.answerer[t] = best if losses[best] < (1 - margin) * losses[current] else current
-            self.reassign_losses[ctx.tasks[t].name] = {ctx.tasks[e].name: round(v, 4) for e, v in losses.items()}
+            self.answerer[t] = torch.tensor(best if losses[best] < (1 - margin) * losses[current] else current)
+            self.reassign_losses[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in losses.items()}
         self.reassign_s = time.perf_counter() - started
+
+    @staticmethod
+    def _answer_name(answer: tuple[int, int], names: list[str]) -> str:
+        expert, shared = answer
+        return names[expert] if expert == shared else f"{names[expert]} with {names[shared]}'s shared"
 
     def checkpoint_state(self, model):
         return {**super().checkpoint_state(model), ANSWERER: self.answerer.clone()}
@@ -349,7 +369,10 @@ class MoECL(LocatorHooks, Method):
         answerer = state.pop(ANSWERER, None)
         super().load_checkpoint_state(model, state)
         if answerer is not None:
-            self.answerer = answerer.to(torch.long).clone()
+            answerer = answerer.to(torch.long)
+            if answerer.dim() == 1:  # saved before a task could take another task's shared snapshot
+                answerer = torch.stack([answerer, answerer], dim=1)
+            self.answerer = answerer.clone()
 
     def stage_metrics(self, stage):
         out = super().stage_metrics(stage)
@@ -363,7 +386,8 @@ class MoECL(LocatorHooks, Method):
 
     def answerers(self) -> dict[str, str]:
         names = [t.name for t in self.tasks]
-        return {names[t]: names[int(e)] for t, e in enumerate(self.answerer) if t < len(self.container.gates[0])}
+        return {names[t]: self._answer_name(tuple(a.tolist()), names) for t, a in enumerate(self.answerer)
+                if t < len(self.container.gates[0])}
 
     def extra_metrics(self):
         out = {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
