@@ -71,7 +71,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
               + ", ".join(f"{k} {v:.1f} %" for k, v in result["locator_by_kind"].items()) + ")")
     moved = {t: e for t, e in result.get("answerer", {}).items() if t != e}
     if moved:
-        _echo("answered by another task's expert: " + ", ".join(f"{t} by {e}" for t, e in moved.items()))
+        _echo("reassigned: " + ", ".join(f"{t} answered by {e}" for t, e in moved.items()))
     _echo(f"mean {result['mean']:.2f}  (written to {Path(run_dir) / 'eval.json'})")
 
 

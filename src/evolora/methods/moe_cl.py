@@ -52,7 +52,7 @@ from evolora.methods.registry import register
 
 
 ANSWERER = "moe_cl.answerer"
-"""The checkpoint's name for the task -> answering expert map."""
+"""The checkpoint's name for `answerer` (per task: the task whose expert answers it, and whose shared snapshot)."""
 
 
 @dataclass
@@ -174,7 +174,8 @@ class MoECL(LocatorHooks, Method):
         task whose shared snapshot does; itself for both unless reassigned."""
         self.reassign_losses: dict[str, dict[str, float]] = {}
         self.reassign_s = 0.0
-        self.fixed_task: Optional[int] = None
+        self.fixed_task: Optional[tuple[int, int]] = None
+        """(task whose expert and gate, task whose shared snapshot) for every sample while routed."""
         self.sample_tasks: Optional[torch.Tensor] = None
         self.disc_correct = self.disc_total = 0
         return model
@@ -208,7 +209,9 @@ class MoECL(LocatorHooks, Method):
     def _set_trainable(self, stage: int) -> None:
         self.model.requires_grad_(False)
         for layer in range(len(self.experts.layers)):
-            for p in self.experts.expert_parameters(layer, 0) + self.experts.expert_parameters(layer, self._expert_of(stage)):
+            trained = self.experts.expert_parameters(layer, 0) + \
+                self.experts.expert_parameters(layer, self._expert_of(stage))
+            for p in trained:
                 p.requires_grad_(True)
             self.container.gates[layer][stage].requires_grad_(True)
         self.container.discriminators.requires_grad_(True)
