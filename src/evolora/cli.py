@@ -34,10 +34,17 @@ def run(config: Path = typer.Argument(..., help="YAML run config."),
     cfg = load_config(config, set_ or [])
     run_dir = resume or out or cfg.run_dir()
     metrics = run_stream(cfg, run_dir, log=_echo, resume=resume is not None)
+    import torch.distributed
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # already set up by the run
+    state = PartialState()  # already set up by the run
+    if state.is_main_process:
         _finish(metrics, run_dir)
+    if torch.distributed.is_initialized():
+        # a rank that exits while the process group lives can abort in gloo's teardown
+        # ("terminate called without an active exception"): leave together, group closed
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 def _finish(metrics: dict, run_dir: Path) -> None:
