@@ -30,7 +30,8 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
     progress = read_progress(run_dir) or {}
     if len(progress.get("R", [])) != len(ctx.stages):
         raise EvoloraError(f"{run_dir}: the run has not finished (resume it with evolora run --resume)")
-    refit = any(o.split("=", 1)[0].strip().startswith("method.options.locator") for o in overrides)
+    overridden = [o.split("=", 1)[0].strip() for o in overrides]
+    refit = any(key.startswith("method.options.locator") for key in overridden)
     path = checkpoint_path(run_dir, len(ctx.stages) - 1)
     for stage in range(len(ctx.stages)):
         method.grow(stage, ctx)
@@ -39,7 +40,7 @@ def load_run(run_dir: Path, overrides: list[str] = ()):
     if refit:
         for stage in range(len(ctx.stages)):
             method.fit_locator(stage, ctx)
-    if any(o.split("=", 1)[0].strip().startswith("method.options.reassign") for o in overrides) \
+    if any(key.startswith("method.options.reassign") for key in overridden) \
             and getattr(method.options, "reassign_examples", 0):
         method.reassign(len(ctx.stages) - 1, ctx, every_expert=True)
     ctx.model.eval()
