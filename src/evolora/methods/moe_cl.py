@@ -346,12 +346,11 @@ class MoECL(LocatorHooks, Method):
         for t in seen:
             fresh = t in new or every_expert
             current = (t, t) if fresh else tuple(self.answerer[t].tolist())
-            # every expert with its own shared snapshot; the task's expert with the newest shared expert (a
-            # later task may have taught the shared expert what this one needs); the current answer
-            candidates = {(e, e) for e in (seen if fresh else new)} | {(current[0], latest), current}
-            if not self.options.shared_snapshots:
-                candidates = {(e, e) for e, _ in candidates}
-                current = (current[0], current[0])
+            candidates = {(e, e) for e in (seen if fresh else new)} | {current}
+            if self.options.shared_snapshots:
+                # the task's expert with the newest shared expert: a later task may have taught the shared
+                # expert what this one needs
+                candidates.add((current[0], latest))
             examples = self._labelled_memory(t, ctx)
             losses = {c: self._answer_loss(examples, c, ctx) for c in sorted(candidates)}
             best = min(losses, key=losses.get)
