@@ -1,5 +1,6 @@
 """ExpertLinear: a Route (k experts per sample) gives the same output, recorded shared delta and gradients as
-dense weights over all experts that are zero outside those k."""
+dense weights over all experts that are zero outside those k, and a Route whose experts are common to all
+samples the same as one that names them per sample."""
 
 import torch
 from torch import nn
@@ -51,3 +52,16 @@ def test_route_with_one_expert_and_no_routing():
     assert torch.allclose(shared_only, linear(x), atol=1e-5)
     linear.routing.set(None)
     assert torch.equal(linear(x), linear.base(x))
+
+
+def test_common_experts_match_per_sample_experts():
+    linear = expert_linear(5)
+    x = torch.randn(3, 5, 12)
+    experts = torch.tensor([[0, 3]]).expand(3, 2)
+    weights = torch.softmax(torch.randn(3, 5, 2), -1)
+    per_sample = run(linear, x, Route(experts, weights))
+    common = run(linear, x, Route(experts, weights, (0, 3)))
+    assert torch.allclose(per_sample[0], common[0], atol=1e-5)
+    assert torch.allclose(per_sample[1], common[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(per_sample[2], common[2]))
+    assert common[2][2 + 3].abs().sum() > 0 and common[2][2 + 1].abs().sum() == 0

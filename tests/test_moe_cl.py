@@ -60,16 +60,20 @@ def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config)
             torch.nn.init.normal_(gate.weight)
     x = torch.randn(2, 5, method.experts.hidden_size, device=ctx.device)
     with method.route(1):
-        experts, w = method._weights(0, x)
-    assert experts.tolist() == [[0, 2], [0, 2]]  # the shared expert and task 1's
+        experts, w, common = method._weights(0, x)
+    assert experts.tolist() == [[0, 2], [0, 2]] and common == (0, 2)  # the shared expert and task 1's
     assert w.shape == (2, 5, 2) and (w > 0).all()
     assert torch.allclose(w.sum(-1), torch.ones(2, 5, device=ctx.device))
-    method.sample_tasks = torch.tensor([0, 2], device=ctx.device)  # per-sample routing of a mixed batch
-    experts, w = method._weights(0, x)
-    method.sample_tasks = None
-    assert experts.tolist() == [[0, 1], [0, 3]]
+    with method.batch_route(torch.tensor([1, 1])):  # a batch of one task routes as that task does
+        assert torch.allclose(method._weights(0, x).weights, w) and method._weights(0, x).common == (0, 2)
+    with method.batch_route(torch.tensor([0, 2])):  # per-sample routing of a mixed batch
+        experts, mixed, common = method._weights(0, x)
+    assert experts.tolist() == [[0, 1], [0, 3]] and common is None
+    for sample, task in enumerate([0, 2]):  # each sample is weighted by its own task's gate
+        with method.route(task):
+            assert torch.allclose(mixed[sample], method._weights(0, x).weights[sample], atol=1e-6)
     with method.route(None):  # no task known: the shared expert alone
-        experts, w = method._weights(0, x)
+        experts, w, common = method._weights(0, x)
     assert experts.tolist() == [[0], [0]] and torch.equal(w, torch.ones(2, 5, 1, device=ctx.device))
 
 
@@ -107,6 +111,16 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
         return shared, disc
 
     shared_reversed, disc_reversed = grads()
+    # the batched pass over layers is the mean of each layer's discriminator cross-entropy
+    with torch.no_grad(), method.batch_route(batch.task_ids):
+        out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"]
+        mask = batch.attention_mask.unsqueeze(-1).float()
+        per_layer = [torch.nn.functional.cross_entropy(
+            method.container.discriminators[str(layer)](
+                (method.experts.routing[layer].recorded.float() * mask).sum(1) / mask.sum(1))[:, :2], batch.task_ids)
+            for layer in method.disc_layers]
+    assert len(per_layer) > 1 and torch.allclose(term, torch.stack(per_layer).mean(), atol=1e-5)
     method.options.adversarial_weight = -1.0  # same term without the reversal: a plain classifier loss
     shared_plain, disc_plain = grads()
     assert shared_reversed.abs().sum() > 0

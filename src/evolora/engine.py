@@ -214,11 +214,12 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
                leave=False, disable=None if is_main else True)
     try:
         for step in range(first_step, len(batches)):
-            batch = collate_train(batches[step], pad_id).to(ctx.device)
+            host_batch = collate_train(batches[step], pad_id)
+            batch = host_batch.to(ctx.device)
             sync = (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
                 with accelerator.autocast():
-                    with method.batch_route(batch.task_ids):
+                    with method.batch_route(host_batch.task_ids):  # routing reads the ids without waiting on the GPU
                         outputs = train_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                               position_ids=batch.position_ids,
                                               logits_to_keep=batch.labels.shape[1] + 1,

@@ -78,7 +78,8 @@ class Method:
 
     @contextlib.contextmanager
     def batch_route(self, task_ids: torch.Tensor) -> Iterator[None]:
-        """Route each sample of a training batch by its own task id (mixed-task batches)."""
+        """Route each sample of a training batch by its own task id (mixed-task batches); the engine passes
+        the ids on the CPU, so reading them never waits on the device."""
         yield
 
     # --- checkpointing ---------------------------------------------------------------------------

@@ -7,7 +7,10 @@ per decoder layer by the method (a gate or router, from the layer's input) and h
 (no Python loop over tokens, samples or experts). The weights come in one of two forms:
 - dense, w [B, T, E] over all experts: for routers whose experts differ from token to token (CMoE's top-k);
 - a `Route`: k experts chosen per sample and their weights [B, T, k]: for methods whose experts are fixed
-  per sample (MoE-CL: the shared one and the task's), so a step costs the same with 2 experts or 16."""
+  per sample (MoE-CL: the shared one and the task's), so a step costs the same with 2 experts or 16.
+  When every sample uses the same experts and the method knows it without reading the device (`common`),
+  a projection adds them in two plain matrix products over the experts' concatenated factors: a small
+  model's step on a GPU waits on kernel launches, so fewer, larger operations are what make it fast."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import math
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,6 +30,8 @@ class Route(NamedTuple):
     """[B, k] expert indices (slot 0 must hold expert 0 where its output is recorded)."""
     weights: torch.Tensor
     """[B, T, k] weight of each slot."""
+    common: Optional[tuple[int, ...]] = None
+    """The k experts, when every sample uses the same ones in the same slots (else None)."""
 
 
 class LayerRouting:
@@ -38,12 +44,27 @@ class LayerRouting:
         missing columns are zero). With `experts` set: [B, T, k], the weights of those experts."""
         self.experts: Optional[torch.Tensor] = None
         """[B, k] the experts of each sample (a `Route`), or None for dense weights."""
+        self.common: Optional[tuple[int, ...]] = None
+        """A `Route`'s experts when every sample uses the same ones."""
         self.record: Optional[str] = None
         """Name of a projection whose expert-0 delta is kept in `recorded` (for a discriminator)."""
         self.recorded: Optional[torch.Tensor] = None
+        self._scaled: dict = {}
 
     def set(self, route: Union[None, torch.Tensor, Route]) -> None:
-        self.experts, self.weights = route if isinstance(route, Route) else (None, route)
+        if isinstance(route, Route):
+            self.experts, self.weights, self.common = route
+        else:
+            self.experts, self.weights, self.common = None, route, None
+        self._scaled = {}
+
+    def scaled_weights(self, dtype: torch.dtype, scaling: float) -> torch.Tensor:
+        """`weights` times the LoRA scaling in the activations' dtype, made once per layer and forward pass
+        (every projection of the layer reads them)."""
+        key = (dtype, scaling)
+        if key not in self._scaled:
+            self._scaled[key] = (self.weights * scaling).to(dtype)
+        return self._scaled[key]
 
 
 class ExpertLinear(nn.Module):
@@ -78,26 +99,37 @@ class ExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        w = self.routing.weights
-        if w is None or self.num_experts == 0:
+        routing = self.routing
+        if routing.weights is None or self.num_experts == 0:
             return out
-        chosen = self.routing.experts
-        if chosen is None:
+        w = routing.scaled_weights(x.dtype, self.scaling)
+        record = routing.record == self.name
+        r = self.r
+        if routing.experts is None:  # dense weights over the first n experts
             n = w.shape[-1]
-            A = torch.stack(list(self.lora_A[:n])).to(x.dtype)  # [E, r, in]
-            B = torch.stack(list(self.lora_B[:n])).to(x.dtype)  # [E, out, r]
-            xa = torch.einsum("...i,eri->...er", x, A) * w.unsqueeze(-1).to(x.dtype)
+            A = torch.stack(tuple(self.lora_A[:n])).to(x.dtype)  # [E, r, in]
+            B = torch.stack(tuple(self.lora_B[:n])).to(x.dtype)  # [E, out, r]
+            xa = torch.einsum("...i,eri->...er", x, A) * w.unsqueeze(-1)
             delta = torch.einsum("...er,eor->...o", xa, B)
-            if self.routing.record == self.name:
-                self.routing.recorded = torch.einsum("...r,or->...o", xa[..., 0, :], B[0]) * self.scaling
-        else:
-            A = torch.stack(list(self.lora_A))[chosen].to(x.dtype)  # [B, k, r, in]
-            B = torch.stack(list(self.lora_B))[chosen].to(x.dtype)  # [B, k, out, r]
-            xa = torch.einsum("bti,bkri->btkr", x, A) * w.unsqueeze(-1).to(x.dtype)
-            delta = torch.einsum("btkr,bkor->bto", xa, B)
-            if self.routing.record == self.name:
-                self.routing.recorded = torch.einsum("btr,bor->bto", xa[:, :, 0], B[:, 0]) * self.scaling
-        return out + (delta * self.scaling).to(out.dtype)
+            if record:
+                routing.recorded = torch.einsum("...r,or->...o", xa[..., 0, :], B[0])
+        elif routing.common is not None:  # the same experts for every sample
+            experts = routing.common
+            A = torch.cat([self.lora_A[e] for e in experts]).to(x.dtype)  # [k*r, in]
+            B = torch.cat([self.lora_B[e] for e in experts], dim=1).to(x.dtype)  # [out, k*r]
+            xa = (F.linear(x, A).unflatten(-1, (len(experts), r)) * w.unsqueeze(-1)).flatten(-2)
+            delta = F.linear(xa, B)
+            if record:
+                routing.recorded = F.linear(xa[..., :r], B[:, :r])
+        else:  # each sample's own experts
+            A = torch.stack(tuple(self.lora_A))[routing.experts].to(x.dtype)  # [B, k, r, in]
+            B = torch.stack(tuple(self.lora_B))[routing.experts].to(x.dtype)  # [B, k, out, r]
+            k = A.shape[1]
+            xa = torch.bmm(x, A.flatten(1, 2).transpose(1, 2)).unflatten(-1, (k, r)) * w.unsqueeze(-1)  # [B, T, k, r]
+            delta = torch.bmm(xa.flatten(-2), B.transpose(2, 3).flatten(1, 2))
+            if record:
+                routing.recorded = torch.bmm(xa[:, :, 0], B[:, 0].transpose(1, 2))
+        return out + delta.to(out.dtype)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -97,12 +97,6 @@ class GradientReversal(torch.autograd.Function):
         return -ctx.weight * grad, None
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, D] averaged over the tokens where mask [B, T] is 1."""
-    mask = mask.to(values.dtype).unsqueeze(-1)
-    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 class MixedFFN(nn.Module):
     """The paper's mixing: the FFN with the shared expert's deltas and the FFN with the task expert's,
     outputs mixed per token by the gate. Both run in one call of the wrapped FFN over 2B rows."""
@@ -113,17 +107,17 @@ class MixedFFN(nn.Module):
 
     def forward(self, x):
         routing = self.routing
-        w, chosen = routing.weights, routing.experts  # a Route: slot 0 the shared expert, slot 1 the task's
+        w, chosen, common = routing.weights, routing.experts, routing.common  # slot 0 the shared expert, 1 the task's
         if w is None or w.shape[-1] == 1:  # no experts, or the shared expert alone
             out = self.mlp(x)
             if w is not None and routing.record == "ffn":
                 routing.recorded = out
             return out
         slots = torch.eye(2, device=w.device, dtype=w.dtype)
-        routing.weights = torch.cat([slots[0].expand_as(w), slots[1].expand_as(w)])
-        routing.experts = torch.cat([chosen, chosen])
+        routing.set(Route(torch.cat([chosen, chosen]), torch.cat([slots[0].expand_as(w), slots[1].expand_as(w)]),
+                          common))
         out = self.mlp(torch.cat([x, x]))
-        routing.weights, routing.experts = w, chosen
+        routing.set(Route(chosen, w, common))
         out_shared, out_task = out.chunk(2)
         if routing.record == "ffn":
             routing.recorded = out_shared
@@ -177,6 +171,9 @@ class MoECL(LocatorHooks, Method):
         self.fixed_task: Optional[tuple[int, int]] = None
         """(task whose expert and gate, task whose shared snapshot) for every sample while routed."""
         self.sample_tasks: Optional[torch.Tensor] = None
+        self.batch_task: Optional[int] = None
+        """The task of every sample of the routed batch, when they share one."""
+        self._expert_ids: dict = {}
         self.disc_correct = self.disc_total = 0
         return model
 
@@ -224,23 +221,33 @@ class MoECL(LocatorHooks, Method):
         routing.record = self.record_name if (self.model.training and str(layer) in self.container.discriminators) \
             else None
         batch, length = x.shape[:2]
-        if self.sample_tasks is not None:
-            tasks = self.sample_tasks.to(x.device)
-        else:
-            task = self.current if self.fixed_task is None else self.fixed_task[0]
-            if task < 0:  # no task known: the shared expert alone
-                return Route(torch.zeros(batch, 1, device=x.device, dtype=torch.long),
-                             torch.ones(batch, length, 1, device=x.device, dtype=x.dtype))
-            tasks = torch.full((batch,), task, device=x.device, dtype=torch.long)
+        common = self.batch_task if self.sample_tasks is not None else \
+            self.current if self.fixed_task is None else self.fixed_task[0]
         gates = self.container.gates[layer]
+        if common is not None:  # one task for the whole batch: its gate alone, experts named without the device
+            if common < 0:  # no task known: the shared expert alone
+                return Route(torch.zeros(batch, 1, device=x.device, dtype=torch.long),
+                             torch.ones(batch, length, 1, device=x.device, dtype=x.dtype), (0,))
+            gate = gates[common]
+            g = torch.softmax(F.linear(x, gate.weight.to(x.dtype), gate.bias.to(x.dtype)).float(), -1)
+            shared = 0
+            if self.options.shared_snapshots and not self.model.training:
+                source = common if self.fixed_task is None or self.sample_tasks is not None else self.fixed_task[1]
+                shared = self._expert_of(source) + 1 if source < self.current else 0
+            experts = (shared, self._expert_of(common))
+            key = (experts, batch, x.device)
+            if key not in self._expert_ids:  # made once, not per layer: a host-to-GPU copy can wait on the GPU
+                if len(self._expert_ids) > 64:
+                    self._expert_ids.clear()
+                self._expert_ids[key] = torch.tensor(experts, device=x.device).expand(batch, 2)
+            return Route(self._expert_ids[key], g, experts)
+        tasks = self.sample_tasks.to(x.device)
         W = torch.stack([g.weight for g in gates])[tasks]  # [B, 2, d]
         b = torch.stack([g.bias for g in gates])[tasks]    # [B, 2]
         g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
         shared = torch.zeros_like(tasks)
         if self.options.shared_snapshots and not self.model.training:
-            source = tasks if self.fixed_task is None or self.sample_tasks is not None \
-                else torch.full_like(tasks, self.fixed_task[1])
-            shared = torch.where(source < self.current, self._expert_of(source) + 1, shared)
+            shared = torch.where(tasks < self.current, self._expert_of(tasks) + 1, shared)
         return Route(torch.stack([shared, self._expert_of(tasks)], dim=1), g)
 
     @contextlib.contextmanager
@@ -263,10 +270,13 @@ class MoECL(LocatorHooks, Method):
     @contextlib.contextmanager
     def batch_route(self, task_ids):
         self.sample_tasks = task_ids
+        # read from the CPU only (the engine passes the batch's ids from there): reading a GPU tensor would wait
+        ids = task_ids.unique().tolist() if task_ids.device.type == "cpu" else []
+        self.batch_task = ids[0] if len(ids) == 1 else None
         try:
             yield
         finally:
-            self.sample_tasks = None
+            self.sample_tasks = self.batch_task = None
 
     # --- training -------------------------------------------------------------------------------
     def training_examples(self, stage, examples, ctx):
@@ -284,19 +294,23 @@ class MoECL(LocatorHooks, Method):
     def loss_terms(self, step, ctx):
         if not self.container.discriminators:
             return {}
-        mask = step.batch.attention_mask
         labels = step.batch.task_ids
         seen = step.stage + 1
-        losses = []
-        for layer in self.disc_layers:
-            shared = self.experts.routing[layer].recorded
-            features = GradientReversal.apply(masked_mean(shared.float(), mask), self.options.adversarial_weight)
-            logits = self.container.discriminators[str(layer)](features)[:, :seen]
-            losses.append(F.cross_entropy(logits, labels))
-            if layer == self.disc_layers[-1]:
-                self.disc_correct += int((logits.argmax(-1) == labels).sum())
-                self.disc_total += len(labels)
-        return {"adversarial": torch.stack(losses).mean()}
+        # every chosen layer's discriminator in one batched pass (a loop over 30 layers is 30x the kernel launches)
+        shared = torch.stack([self.experts.routing[layer].recorded for layer in self.disc_layers]).float()  # [L, B, T, D]
+        mask = step.batch.attention_mask.float()
+        mask = mask / mask.sum(1, keepdim=True).clamp(min=1)
+        features = GradientReversal.apply(torch.einsum("lbtd,bt->lbd", shared, mask), self.options.adversarial_weight)
+        discriminators = [self.container.discriminators[str(layer)] for layer in self.disc_layers]
+        first, last = ([d[i] for d in discriminators] for i in (0, 2))
+        hidden = F.gelu(torch.baddbmm(torch.stack([m.bias for m in first]).unsqueeze(1), features,
+                                      torch.stack([m.weight for m in first]).transpose(1, 2)))
+        logits = torch.baddbmm(torch.stack([m.bias for m in last]).unsqueeze(1), hidden,
+                               torch.stack([m.weight for m in last]).transpose(1, 2))[..., :seen]  # [L, B, seen]
+        self.disc_correct = self.disc_correct + (logits[-1].argmax(-1) == labels).sum()  # read at the stage's end
+        self.disc_total += len(labels)
+        # the mean over layers of each layer's cross-entropy
+        return {"adversarial": F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(discriminators)))}
 
     def after_task(self, stage, ctx):
         self.experts.clear()
@@ -379,7 +393,7 @@ class MoECL(LocatorHooks, Method):
     def stage_metrics(self, stage):
         out = super().stage_metrics(stage)
         if self.disc_total:
-            out["discriminator_train_accuracy"] = 100.0 * self.disc_correct / self.disc_total
+            out["discriminator_train_accuracy"] = 100.0 * int(self.disc_correct) / self.disc_total
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
             out["reassign_losses"] = dict(self.reassign_losses)
