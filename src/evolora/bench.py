@@ -346,16 +346,20 @@ def compare(metrics_list: list[dict], out_dir: Path,
     drifted = [(label, m["general"]) for label, m in zip(labels, metrics_list) if m.get("general")]
     if drifted:  # general-text perplexity drift over the stream, one line per run
         paths["drift"] = out_dir / "general_drift.png"
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for label, general in drifted:
-            ax.plot(range(len(general["perplexity"])), [0.0] + general["drift_pct_per_stage"], marker="o", label=label)
+        columns = 1 + (len(drifted) - 1) // 16  # a suite of 30 runs: the legend beside the plot, in columns
+        fig, ax = plt.subplots(figsize=(6 + 2.4 * columns, 3.6 + 0.1 * min(len(drifted), 16)))
+        colors = plt.get_cmap("tab20").colors
+        for i, (label, general) in enumerate(drifted):
+            ax.plot(range(len(general["perplexity"])), [0.0] + general["drift_pct_per_stage"], marker="o",
+                    markersize=3, color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3],
+                    label=label)
         ax.set_xlabel("stage (0 = base model)")
         ax.set_ylabel("held-out perplexity change (%)")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
         fig.tight_layout()
         with atomic.atomic_path(paths["drift"]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
     return paths

@@ -1,0 +1,133 @@
+"""Kernel-launching operations per training step, each method's divided by a plain PEFT LoRA step's.
+
+A 135M model's step on a GPU at a small batch waits on kernel launches, not on arithmetic, so the count of
+operations that launch a kernel predicts its GPU step time better than a CPU timing does, and it can be
+taken on any machine. Counted with a dispatch mode over forward and backward (what reaches the kernels
+after autograd); view operations launch nothing and the optimizer is left out (on a GPU AdamW runs as a few
+multi-tensor kernels).
+
+    python benchmarks/launch_count.py [--models smollm2-135m] [--methods seq_lora moe_cl] [--stage 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the same synthetic tasks and configs as the timings)
+
+from evolora.data.batching import collate_train  # noqa: E402
+from evolora.engine import StepLog, build_context, train_stage  # noqa: E402
+from evolora.methods.base import LoraOptions  # noqa: E402
+from evolora.methods.seq_lora import add_lora  # noqa: E402
+
+NO_KERNEL = {"view", "t", "transpose", "_unsafe_view", "slice", "unsqueeze", "squeeze", "expand", "detach", "select",
+         "permute", "alias", "as_strided", "unflatten", "_reshape_alias", "split", "unbind", "lift_fresh",
+         "split_with_sizes", "_local_scalar_dense"}
+"""Views (no data moves) and reading a scalar back (a copy, not a kernel)."""
+
+
+class LaunchCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def without_optimizer(counter: LaunchCounter):
+    step = torch.optim.AdamW.step
+
+    def paused_step(self, *args, **kwargs):
+        counter.paused = True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            counter.paused = False
+    return paused_step
+
+
+def peft_step_count(model_name: str, batch: int) -> int:
+    ctx, _ = build_context(speed.config(model_name, "seq_ft", batch), None)
+    model = add_lora(ctx.model, LoraOptions())
+    task = speed.synthetic_task("t", batch)
+    b = collate_train([ctx.prompts.encode_train(task, ex, 0) for ex in task.train], ctx.tokenizer.pad_token_id)
+    b = b.to(ctx.device)
+    labels = b.input_ids.clone()
+    labels[:, : b.input_ids.shape[1] - b.labels.shape[1]] = -100
+
+    def step():
+        with torch.autocast(ctx.device.type, dtype=next(model.parameters()).dtype,
+                            enabled=next(model.parameters()).dtype != torch.float32):
+            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        loss.backward()
+        model.zero_grad()
+    step()  # warm-up
+    with LaunchCounter() as counter:
+        step()
+    return sum(counter.counts.values())
+
+
+def method_step_count(model_name: str, method_name: str, batch: int, stage: int, steps: int = 4):
+    tasks = [speed.synthetic_task(f"t{i}", batch * 2) for i in range(stage - 1)] + \
+        [speed.synthetic_task("last", batch * steps)]
+    ctx, method = build_context(speed.config(model_name, method_name, batch), None,
+                                before_setup=lambda c: setattr(c, "tasks", tasks))
+    ctx.stages = method.stages(stage)
+    last = stage - 1
+    if len(ctx.stages) == 1:  # joint methods: one stage with everything
+        method.grow(0, ctx)
+        last, examples = 0, ctx.encode_train(stage - 1)
+    else:
+        for s in range(last):
+            method.grow(s, ctx)
+            method.before_task(s, ctx)
+            train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
+            method.after_task(s, ctx)
+        method.grow(last, ctx)
+        method.before_task(last, ctx)
+        examples = method.training_examples(last, ctx.encode_train(last), ctx)
+    counter = LaunchCounter()
+    original = torch.optim.AdamW.step
+    torch.optim.AdamW.step = without_optimizer(counter)
+    try:
+        with counter:
+            result = train_stage(ctx, method, last, examples, StepLog(None, False), 0)
+    finally:
+        torch.optim.AdamW.step = original
+    return counter.counts, result["steps"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--methods", nargs="+", default=["seq_lora", "moe_cl", "moe_cl:mixing=ffn", "cmoe"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--stage", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for model_name in args.models:
+        reference = peft_step_count(model_name, args.batch)
+        print(f"\n== {model_name}, batch {args.batch}, stage {args.stage} ==")
+        print(f"plain PEFT LoRA step: {reference} kernel-launching operations (reference = 1.00)")
+        print(f"{'method':>18}  per step  ÷ PEFT  most frequent")
+        for method_name in args.methods:
+            counts, steps = method_step_count(model_name, method_name, args.batch, args.stage)
+            per_step = sum(counts.values()) / steps
+            top = ", ".join(f"{name} {n / steps:.0f}" for name, n in counts.most_common(5))
+            print(f"{method_name:>18}  {per_step:8.0f}  {per_step / reference:6.2f}  {top}")
+
+
+if __name__ == "__main__":
+    main()
