@@ -315,17 +315,28 @@ def compare(metrics_list: list[dict], out_dir: Path,
                                       for i, (label, m) in enumerate(zip(labels, metrics_list))])
 
     keys = ["AP", "BWT", "FWT"]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(labels), 3.8))
     width = 0.8 / len(keys)
     x = np.arange(len(labels))
+    horizontal = len(labels) > 10  # a long suite: one row per run, read top to bottom like the table
+    if horizontal:
+        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.32 * len(labels)))
+    else:
+        fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(labels), 3.8))
     for k, key in enumerate(keys):
-        values = [m.get("metrics", {}).get(key) for m in metrics_list]
-        ax.bar(x + k * width, [np.nan if v is None else v for v in values], width, label=key)
-    ax.set_xticks(x + width, labels, rotation=20, ha="right")
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_ylabel("points")
+        values = [np.nan if v is None else v for v in (m.get("metrics", {}).get(key) for m in metrics_list)]
+        (ax.barh if horizontal else ax.bar)(x + k * width, values, width, label=key)
+    if horizontal:
+        ax.set_yticks(x + width, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.6)
+        ax.set_xlabel("points")
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xticks(x + width, labels, rotation=20, ha="right")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_ylabel("points")
+        ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic.atomic_path(paths["bars"]) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
