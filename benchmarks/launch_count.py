@@ -80,30 +80,13 @@ def peft_step_count(model_name: str, batch: int) -> int:
 
 
 def method_step_count(model_name: str, method_name: str, batch: int, stage: int, steps: int = 4):
-    tasks = [speed.synthetic_task(f"t{i}", batch * 2) for i in range(stage - 1)] + \
-        [speed.synthetic_task("last", batch * steps)]
-    ctx, method = build_context(speed.config(model_name, method_name, batch), None,
-                                before_setup=lambda c: setattr(c, "tasks", tasks))
-    ctx.stages = method.stages(stage)
-    last = stage - 1
-    if len(ctx.stages) == 1:  # joint methods: one stage with everything
-        method.grow(0, ctx)
-        last, examples = 0, ctx.encode_train(stage - 1)
-    else:
-        for s in range(last):
-            method.grow(s, ctx)
-            method.before_task(s, ctx)
-            train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
-            method.after_task(s, ctx)
-        method.grow(last, ctx)
-        method.before_task(last, ctx)
-        examples = method.training_examples(last, ctx.encode_train(last), ctx)
+    ctx, method, index, examples = speed.last_stage(model_name, method_name, batch, steps, stage)
     counter = LaunchCounter()
     original = torch.optim.AdamW.step
     torch.optim.AdamW.step = without_optimizer(counter)
     try:
         with counter:
-            result = train_stage(ctx, method, last, examples, StepLog(None, False), 0)
+            result = train_stage(ctx, method, index, examples, StepLog(None, False), 0)
     finally:
         torch.optim.AdamW.step = original
     return counter.counts, result["steps"]

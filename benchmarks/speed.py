@@ -102,9 +102,9 @@ def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
     return tokens / sum(times)
 
 
-def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: int, stage: int = 2) -> float:
-    """The engine's step for the method in stage `stage` (1-based; from the second on, penalties, replay and
-    the experts of earlier tasks apply). Earlier stages train two steps each."""
+def last_stage(model_name: str, method_name: str, batch: int, steps: int, stage: int = 2):
+    """The method set up for stage `stage` (1-based; from the second on, penalties, replay and the experts of
+    earlier tasks apply) after two training steps on each earlier stage: (ctx, method, stage index, examples)."""
     tasks = [synthetic_task(f"t{i}", batch * 2) for i in range(stage - 1)] + [synthetic_task("last", batch * steps)]
     ctx, method = build_context(config(model_name, method_name, batch), None,
                                 before_setup=lambda c: setattr(c, "tasks", tasks))  # methods size for the stream
@@ -112,7 +112,7 @@ def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: in
     last = stage - 1
     if len(ctx.stages) == 1:  # joint methods: one stage with everything
         method.grow(0, ctx)
-        return train_stage(ctx, method, 0, ctx.encode_train(last), StepLog(None, False), 0)["tokens_per_s"]
+        return ctx, method, 0, ctx.encode_train(last)
     for s in range(last):
         method.grow(s, ctx)
         method.before_task(s, ctx)
@@ -120,8 +120,13 @@ def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: in
         method.after_task(s, ctx)
     method.grow(last, ctx)
     method.before_task(last, ctx)
-    examples = method.training_examples(last, ctx.encode_train(last), ctx)
-    return train_stage(ctx, method, last, examples, StepLog(None, False), 0)["tokens_per_s"]
+    return ctx, method, last, method.training_examples(last, ctx.encode_train(last), ctx)
+
+
+def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: int, stage: int = 2) -> float:
+    """The engine's step for the method in stage `stage` (see `last_stage`)."""
+    ctx, method, index, examples = last_stage(model_name, method_name, batch, steps, stage)
+    return train_stage(ctx, method, index, examples, StepLog(None, False), 0)["tokens_per_s"]
 
 
 def scoring_ratio(model_name: str) -> float:
