@@ -4,7 +4,8 @@ A 135M model's step on a GPU at a small batch waits on kernel launches, not on a
 operations that launch a kernel predicts its GPU step time better than a CPU timing does, and it can be
 taken on any machine. Counted with a dispatch mode over forward and backward (what reaches the kernels
 after autograd); view operations launch nothing and the optimizer is left out (on a GPU AdamW runs as a few
-multi-tensor kernels).
+multi-tensor kernels). The PEFT reference is one batch of equal-length prompts, so no padding mask; a padded
+batch adds the mask's operations (3,834 against 3,584 on SmolLM2 at batch 8).
 
     python benchmarks/launch_count.py [--models smollm2-135m] [--methods seq_lora moe_cl] [--stage 2]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 from pathlib import Path
 
@@ -22,10 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (the same synthetic tasks and configs as the timings)
 
-from evolora.data.batching import collate_train  # noqa: E402
-from evolora.engine import StepLog, build_context, train_stage  # noqa: E402
-from evolora.methods.base import LoraOptions  # noqa: E402
-from evolora.methods.seq_lora import add_lora  # noqa: E402
+from evolora.engine import StepLog, train_stage  # noqa: E402
 
 NO_KERNEL = {"view", "t", "transpose", "_unsafe_view", "slice", "unsqueeze", "squeeze", "expand", "detach", "select",
          "permute", "alias", "as_strided", "unflatten", "_reshape_alias", "split", "unbind", "lift_fresh",
@@ -59,23 +58,11 @@ def without_optimizer(counter: LaunchCounter):
 
 
 def peft_step_count(model_name: str, batch: int) -> int:
-    ctx, _ = build_context(speed.config(model_name, "seq_ft", batch), None)
-    model = add_lora(ctx.model, LoraOptions())
-    task = speed.synthetic_task("t", batch)
-    b = collate_train([ctx.prompts.encode_train(task, ex, 0) for ex in task.train], ctx.tokenizer.pad_token_id)
-    b = b.to(ctx.device)
-    labels = b.input_ids.clone()
-    labels[:, : b.input_ids.shape[1] - b.labels.shape[1]] = -100
-
-    def step():
-        with torch.autocast(ctx.device.type, dtype=next(model.parameters()).dtype,
-                            enabled=next(model.parameters()).dtype != torch.float32):
-            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
-        loss.backward()
+    model, [(b, labels)] = speed.plain_peft(model_name, batch, steps=1)
+    for counted in (False, True):  # the same batch twice: the first pass warms up
+        with LaunchCounter() if counted else contextlib.nullcontext() as counter:
+            speed.plain_peft_loss(model, b, labels).backward()
         model.zero_grad()
-    step()  # warm-up
-    with LaunchCounter() as counter:
-        step()
     return sum(counter.counts.values())
 
 

@@ -73,25 +73,38 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
-    """A plain PEFT script's step: full logits, HF's own loss, AdamW."""
+def plain_peft(model_name: str, batch: int, steps: int):
+    """A plain PEFT LoRA model on the base model and `steps` batches of the synthetic task, each with HF-style
+    labels (the prompt masked to -100): (model, [(batch, labels), ...])."""
     ctx, _ = build_context(config(model_name, "seq_ft", batch), None)
     model = add_lora(ctx.model, LoraOptions())
-    device = ctx.device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     task = synthetic_task("t", batch * steps)
     items = [ctx.prompts.encode_train(task, ex, 0) for ex in task.train]
-    times, tokens = [], 0
-    dtype = next(model.parameters()).dtype
+    batches = []
     for step in range(steps):
-        batch_items = items[step * batch:(step + 1) * batch]
-        b = collate_train(batch_items, ctx.tokenizer.pad_token_id).to(device)
+        b = collate_train(items[step * batch:(step + 1) * batch], ctx.tokenizer.pad_token_id).to(ctx.device)
         labels = b.input_ids.clone()
         labels[:, : b.input_ids.shape[1] - b.labels.shape[1]] = -100
         labels[:, -b.labels.shape[1]:] = b.labels
+        batches.append((b, labels))
+    return model, batches
+
+
+def plain_peft_loss(model, b, labels) -> torch.Tensor:
+    """A plain PEFT script's forward: full logits, HF's own loss, autocast to the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    with torch.autocast(b.input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+
+
+def plain_peft_tokens_per_s(model_name: str, batch: int, steps: int) -> float:
+    """A plain PEFT script's step: full logits, HF's own loss, AdamW."""
+    model, batches = plain_peft(model_name, batch, steps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times, tokens = [], 0
+    for step, (b, labels) in enumerate(batches):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        loss = plain_peft_loss(model, b, labels)
         loss.backward()
         opt.step()
         opt.zero_grad()
