@@ -246,6 +246,24 @@ def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_
     assert method.answerers() == {t.name: ctx.tasks[e].name for t, e in zip(ctx.tasks, [2, 1, 0])}
 
 
+def test_reassignment_reads_the_dev_split_when_the_stream_has_one(tmp_path, tiny_config):
+    """A task's own expert has trained on its train examples; held-out dev examples judge experts fairly."""
+    def chosen_inputs(ctx, method, task):
+        return {tuple(e.input_ids) for e in method._labelled_memory(task, ctx)}
+
+    def encoded(ctx, task, examples):
+        return {tuple(ctx.prompts.encode_train(ctx.tasks[task], ex, task).input_ids) for ex in examples}
+
+    ctx, method = moe_context(tmp_path / "a", tiny_config, reassign_examples=3)
+    assert not ctx.tasks[1].dev and chosen_inputs(ctx, method, 1) <= encoded(ctx, 1, ctx.tasks[1].train)
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": {"reassign_examples": 3}},
+                                   data={"max_tasks": 3, "dev_per_label": 2}))
+    ctx, method = build_context(cfg, tmp_path / "b")
+    dev = encoded(ctx, 1, ctx.tasks[1].dev)
+    assert len(chosen_inputs(ctx, method, 1)) == 3 and chosen_inputs(ctx, method, 1) <= dev
+    assert not dev & encoded(ctx, 1, ctx.tasks[1].train)
+
+
 def test_a_reassigned_task_is_answered_by_its_answerers_expert_and_gate_after_reload(tmp_path, tiny_config):
     from evolora.reload import load_run
 

@@ -133,6 +133,8 @@ def test_per_label_selection_carves_dev_from_train_only(tmp_path):
     again = select_per_label(task, 3, 2, 2, seed=0)
     assert again.train == picked.train and again.test == picked.test
     assert select_per_label(task, 3, 2, 2, seed=1).train != picked.train
+    # a dev split leaves the training subsample alone where the pool holds enough
+    assert select_per_label(task, 3, 2, 0, seed=0).train == picked.train
 
 
 def test_builtin_stream_from_shared_benchmark():

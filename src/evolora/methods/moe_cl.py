@@ -25,9 +25,11 @@ training of the shared expert (which is what makes the paper's form forget) no l
 
 Reassignment (`reassign_examples` > 0, not in the paper): a frozen task expert learns nothing from later
 tasks, so when a later task teaches what an earlier one needed (amazon reviews after yelp reviews), the
-earlier task cannot use it. With a few labelled train examples kept per task, after each stage every seen
-task is answered by the expert (with its gate) whose answer loss on that task's examples is lowest: an old
-task compares its current answerer with the new experts, the new task compares every expert. With shared
+earlier task cannot use it. With a few labelled examples kept per task (from its dev split where the stream
+has one, `data.dev_per_label`; else from its train split, where the task's own expert has seen them and so
+looks better than it is), after each stage every seen task is answered by the expert (with its gate) whose
+answer loss on that task's examples is lowest: an old task compares its current answerer with the new
+experts, the new task compares every expert. With shared
 snapshots a task may also take the newest shared expert with its own expert (where a later related task
 taught the shared expert what it needs) instead of its snapshot. A task moves only when the loss falls by
 more than `reassign_margin` (a loss from a handful of examples is noisy)."""
@@ -70,7 +72,7 @@ class MoECLOptions(LocatorOptions):
     copy once a later task trains: old tasks cannot forget through the shared expert (one more expert of
     parameters per task). Off = the paper: every task reads the live shared expert."""
     reassign_examples: int = 0
-    """Labelled train examples kept per task to choose which expert answers it (see the module docstring);
+    """Labelled examples kept per task (dev split first) to choose which expert answers it (module docstring);
     0 = every task keeps its own expert (the paper)."""
     reassign_margin: float = 0.1
     """A task moves to another expert only when its answer loss there is lower by more than this fraction."""
@@ -323,10 +325,12 @@ class MoECL(LocatorHooks, Method):
 
     # --- reassignment ---------------------------------------------------------------------------
     def _labelled_memory(self, task_index: int, ctx) -> list[Encoded]:
+        """Up to `reassign_examples` of the task's dev examples, or of its train examples without a dev split."""
         task = ctx.tasks[task_index]
+        pool = task.dev or task.train
         rng = random.Random(f"moe_cl-reassign:{self.options.seed}:{task.name}")
-        chosen = sorted(rng.sample(range(len(task.train)), min(self.options.reassign_examples, len(task.train))))
-        return [ctx.prompts.encode_train(task, task.train[i], task_index) for i in chosen]
+        chosen = sorted(rng.sample(range(len(pool)), min(self.options.reassign_examples, len(pool))))
+        return [ctx.prompts.encode_train(task, pool[i], task_index) for i in chosen]
 
     @torch.no_grad()
     def _answer_loss(self, examples: list[Encoded], answer: tuple[int, int], ctx) -> float:
