@@ -121,3 +121,30 @@ def test_an_interrupted_suite_run_is_resumed_and_expert_runs_get_oracle_and_loca
     assert done[0].name == "moe_cl_memory=0.json"
     table = results_markdown(done)
     assert "| moe_cl/memory=0 (oracle) |" in table and "| moe_cl/memory=0 (locate) |" in table
+
+
+def test_eval_precision_reproduces_the_runs_predictions_in_its_dtype_and_compares_fp32(tmp_path, tiny_config,
+                                                                                      capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from evolora.config import build_config
+    from evolora.engine import run
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import eval_precision
+
+    raw = tiny_config(tmp_path, "moe_cl", model={"dtype": "bf16"}, train={"lr": 5e-2})
+    run(build_config(raw))
+    recorded = eval_precision.run_predictions(tmp_path / "run")
+    dtype, accuracy, predictions = eval_precision.evaluate(tmp_path / "run", [], [])
+    assert dtype == "bfloat16" and set(recorded) == set(accuracy) == set(predictions)
+    for task, (run_predictions, gold) in recorded.items():
+        assert predictions[task] == run_predictions  # same code, same dtype: the same answers
+        assert accuracy[task] == 100.0 * sum(p == g for p, g in zip(run_predictions, gold)) / len(gold)
+    monkeypatch.setattr(sys, "argv", ["eval_precision.py", str(tmp_path / "run"), "--tasks", next(iter(recorded))])
+    eval_precision.main()
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| task | examples | bfloat16 | fp32 |") and len(table) == 3
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[0] == next(iter(recorded)) and cells[6] == "0"  # run vs re-evaluation in the run's dtype
