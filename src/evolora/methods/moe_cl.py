@@ -29,10 +29,10 @@ earlier task cannot use it. With a few labelled examples kept per task (from its
 has one, `data.dev_per_label`; else from its train split, where the task's own expert has seen them and so
 looks better than it is), after each stage every seen task is answered by the expert (with its gate) whose
 answer loss on that task's examples is lowest: an old task compares its current answerer with the new
-experts, the new task compares every expert. With shared
-snapshots a task may also take the newest shared expert with its own expert (where a later related task
-taught the shared expert what it needs) instead of its snapshot. A task moves only when the loss falls by
-more than `reassign_margin` (a loss from a handful of examples is noisy)."""
+experts, the new task compares every expert. With shared snapshots a task may also take the newest shared
+expert with its own expert (where a later related task taught the shared expert what it needs) instead of
+its snapshot. A task moves only when the loss falls by more than `reassign_margin` (a loss from a handful of
+examples is noisy)."""
 
 from __future__ import annotations
 
