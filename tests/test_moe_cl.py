@@ -174,7 +174,10 @@ def test_save_load_gives_identical_outputs(tmp_path, tiny_config, snapshots):
     ({"r": 0}, "method.options: r must be > 0"),
     ({"mixing": "sum"}, "method.options.mixing"),
     ({"discriminator_layers": [99]}, "discriminator_layers: layer 99 does not exist"),
-    ({"reassign_margin": 1.5}, "method.options: need reassign_examples >= 0 and 0 <= reassign_margin < 1"),
+    ({"reassign_margin": 1.5}, "method.options: need reassign_examples >= 0, warm_start_examples >= 0 and "
+                               "0 <= reassign_margin < 1"),
+    ({"warm_start_examples": -1}, "method.options: need reassign_examples >= 0, warm_start_examples >= 0 and "
+                                  "0 <= reassign_margin < 1"),
 ])
 def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -244,6 +247,57 @@ def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_
     assert sorted(asked[4:]) == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     assert method.answerer[:, 0].tolist() == [2, 1, 0]
     assert method.answerers() == {t.name: ctx.tasks[e].name for t, e in zip(ctx.tasks, [2, 1, 0])}
+
+
+def test_warm_start_copies_the_earlier_expert_and_gate_that_answer_the_new_task_best(tmp_path, tiny_config,
+                                                                                     monkeypatch):
+    """Candidates are every earlier expert and gate with the live shared expert, against a fresh expert; a copy
+    needs a loss lower by more than the margin, and the copy is then trained while its source stays frozen."""
+    ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2, reassign_margin=0.1)
+    ctx.config.train.lr = 5e-2
+    train_through(ctx, method, 2)
+    for gates in method.container.gates:
+        for gate in gates:
+            torch.nn.init.normal_(gate.weight)
+    table = {1: {0: 0.95, 1: 1.0}, 2: {0: 0.6, 1: 0.5, 2: 1.0}}
+    asked = []
+
+    def fake_loss(examples, answer, ctx_):
+        assert {e.task_index for e in examples} == {stage} and len(examples) == 2
+        assert answer[1] == stage  # the live shared expert, as the stage trains with it
+        asked.append(answer[0])
+        return table[stage][answer[0]]
+
+    monkeypatch.setattr(method, "_answer_loss", fake_loss)
+    stage = 1
+    fresh = expert_snapshot(method, 2)
+    method.before_task(1, ctx)  # 0.95 is not below 0.9 * 1.0: task 1's expert stays as it is
+    assert all(torch.equal(a, b) for a, b in zip(fresh, expert_snapshot(method, 2)))
+    stage = 2
+    method.grow(2, ctx)
+    method.before_task(2, ctx)
+    assert sorted(asked) == [0, 0, 1, 1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(expert_snapshot(method, 2), expert_snapshot(method, 3)))
+    assert all(torch.equal(g[1].weight, g[2].weight) and torch.equal(g[1].bias, g[2].bias)
+               for g in method.container.gates)
+    names = [t.name for t in ctx.tasks]
+    figures = method.stage_metrics(2)
+    assert figures["warm_start"] == {names[1]: None, names[2]: names[1]}
+    assert figures["warm_start_losses"][names[2]] == {names[0]: 0.6, names[1]: 0.5, "fresh": 1.0}
+
+
+def test_a_warm_started_expert_trains_on_while_its_source_stays_frozen(tmp_path, tiny_config, monkeypatch):
+    ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2)
+    ctx.config.train.lr = 5e-2
+    train_through(ctx, method, 1)
+    source = expert_snapshot(method, 1)
+    monkeypatch.setattr(method, "_answer_loss", lambda examples, answer, c: 0.5 if answer[0] == 0 else 1.0)
+    method.grow(1, ctx)
+    method.before_task(1, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(source, expert_snapshot(method, 2)))
+    train_through(ctx, method, 2, start=1)
+    assert all(torch.equal(a, b) for a, b in zip(source, expert_snapshot(method, 1)))
+    assert any(not torch.equal(a, b) for a, b in zip(source, expert_snapshot(method, 2)))
 
 
 def test_reassignment_reads_the_dev_split_when_the_stream_has_one(tmp_path, tiny_config):

@@ -32,7 +32,13 @@ answer loss on that task's examples is lowest: an old task compares its current 
 experts, the new task compares every expert. With shared snapshots a task may also take the newest shared
 expert with its own expert (where a later related task taught the shared expert what it needs) instead of
 its snapshot. A task moves only when the loss falls by more than `reassign_margin` (a loss from a handful of
-examples is noisy)."""
+examples is noisy).
+
+Warm start (`warm_start_examples` > 0, not in the paper): a new task's expert and gate start as a copy of the
+earlier task's whose answer loss on a few of the new task's train examples (with the live shared expert) is
+lowest, when that is lower by more than `reassign_margin` than a fresh expert's. A related later task then
+trains on from what the earlier one learned (amazon from yelp), and reassignment can hand the earlier task
+the result: an expert that has seen both tasks' data."""
 
 from __future__ import annotations
 
@@ -76,12 +82,15 @@ class MoECLOptions(LocatorOptions):
     0 = every task keeps its own expert (the paper)."""
     reassign_margin: float = 0.1
     """A task moves to another expert only when its answer loss there is lower by more than this fraction."""
+    warm_start_examples: int = 0
+    """Train examples of a new task used to choose an earlier expert to start its expert from (module
+    docstring); 0 = every task expert starts fresh (the paper)."""
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.reassign_examples < 0 or not 0 <= self.reassign_margin < 1:
-            raise ValueError("need reassign_examples >= 0 and 0 <= reassign_margin < 1")
+        if self.reassign_examples < 0 or self.warm_start_examples < 0 or not 0 <= self.reassign_margin < 1:
+            raise ValueError("need reassign_examples >= 0, warm_start_examples >= 0 and 0 <= reassign_margin < 1")
         if self.dropout:
             raise ValueError("dropout is not supported by moe_cl experts (use 0)")
         if self.adversarial_weight < 0 or self.memory_per_task < 0 or self.discriminator_hidden < 1:
@@ -169,6 +178,9 @@ class MoECL(LocatorHooks, Method):
         """Per task at inference: the task whose expert and gate answer it, and (with shared snapshots) the
         task whose shared snapshot does; itself for both unless reassigned."""
         self.reassign_losses: dict[str, dict[str, float]] = {}
+        self.warm_starts: dict[str, Optional[str]] = {}
+        """Per task: the earlier task whose expert its expert started from (None: fresh)."""
+        self.warm_start_losses: dict[str, dict[str, float]] = {}
         self.reassign_s = 0.0
         self.fixed_task: Optional[tuple[int, int]] = None
         """(task whose expert and gate, task whose shared snapshot) for every sample while routed."""
@@ -281,6 +293,37 @@ class MoECL(LocatorHooks, Method):
             self.sample_tasks = self.batch_task = None
 
     # --- training -------------------------------------------------------------------------------
+    def before_task(self, stage, ctx):
+        super().before_task(stage, ctx)
+        if self.options.warm_start_examples and stage > 0:
+            self.warm_start(stage, ctx)
+
+    def warm_start(self, stage: int, ctx) -> None:
+        """Starts the stage's expert and gate from the earlier task's that answers its examples best."""
+        earlier = sorted({t for s in range(stage) for t in ctx.stages[s]})
+        examples = []
+        for t in ctx.stages[stage]:
+            task = ctx.tasks[t]
+            rng = random.Random(f"moe_cl-warm-start:{self.options.seed}:{task.name}")
+            chosen = sorted(rng.sample(range(len(task.train)), min(self.options.warm_start_examples, len(task.train))))
+            examples += [ctx.prompts.encode_train(task, task.train[i], t) for i in chosen]
+        # (e, stage): task e's expert and gate with the live shared expert, as the stage will train them
+        losses = {e: self._answer_loss(examples, (e, stage), ctx) for e in earlier + [stage]}
+        best = min(earlier, key=losses.get)
+        source = best if losses[best] < (1 - self.options.reassign_margin) * losses[stage] else None
+        names = [t.name for t in ctx.tasks]
+        name = names[ctx.stages[stage][0]]
+        self.warm_starts[name] = None if source is None else names[source]
+        self.warm_start_losses[name] = {("fresh" if e == stage else names[e]): round(v, 4) for e, v in losses.items()}
+        if source is None:
+            return
+        with torch.no_grad():
+            for layer in range(len(self.experts.layers)):
+                self.experts.copy_expert(layer, self._expert_of(source), self._expert_of(stage))
+                gates = self.container.gates[layer]
+                gates[stage].weight.copy_(gates[source].weight)
+                gates[stage].bias.copy_(gates[source].bias)
+
     def training_examples(self, stage, examples, ctx):
         size = self.options.memory_per_task if self.container.discriminators else 0
         memory = []
@@ -402,6 +445,9 @@ class MoECL(LocatorHooks, Method):
             out["answerer"] = self.answerers()
             out["reassign_losses"] = dict(self.reassign_losses)
             out["reassign_s"] = self.reassign_s
+        if self.options.warm_start_examples:
+            out["warm_start"] = dict(self.warm_starts)
+            out["warm_start_losses"] = dict(self.warm_start_losses)
         return out
 
     def answerers(self) -> dict[str, str]:
@@ -414,4 +460,6 @@ class MoECL(LocatorHooks, Method):
                "adversarial_weight": self.options.adversarial_weight}
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
+        if self.options.warm_start_examples:
+            out["warm_start"] = dict(self.warm_starts)
         return out
