@@ -174,10 +174,9 @@ def test_save_load_gives_identical_outputs(tmp_path, tiny_config, snapshots):
     ({"r": 0}, "method.options: r must be > 0"),
     ({"mixing": "sum"}, "method.options.mixing"),
     ({"discriminator_layers": [99]}, "discriminator_layers: layer 99 does not exist"),
-    ({"reassign_margin": 1.5}, "method.options: need reassign_examples >= 0, warm_start_examples >= 0 and "
-                               "0 <= reassign_margin < 1"),
-    ({"warm_start_examples": -1}, "method.options: need reassign_examples >= 0, warm_start_examples >= 0 and "
-                                  "0 <= reassign_margin < 1"),
+    ({"reassign_margin": 1.5}, "method.options: need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1"),
+    ({"warm_start_margin": -0.1}, "method.options: need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1"),
+    ({"warm_start_examples": -1}, "method.options: need reassign_examples >= 0 and warm_start_examples >= 0"),
 ])
 def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -253,7 +252,7 @@ def test_warm_start_copies_the_earlier_expert_and_gate_that_answer_the_new_task_
                                                                                      monkeypatch):
     """Candidates are every earlier expert and gate with the live shared expert, against a fresh expert; a copy
     needs a loss lower by more than the margin, and the copy is then trained while its source stays frozen."""
-    ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2, reassign_margin=0.1)
+    ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2, warm_start_margin=0.1)
     ctx.config.train.lr = 5e-2
     train_through(ctx, method, 2)
     for gates in method.container.gates:

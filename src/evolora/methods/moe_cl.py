@@ -36,7 +36,8 @@ examples is noisy).
 
 Warm start (`warm_start_examples` > 0, not in the paper): a new task's expert and gate start as a copy of the
 earlier task's whose answer loss on a few of the new task's train examples (with the live shared expert) is
-lowest, when that is lower by more than `reassign_margin` than a fresh expert's. A related later task then
+lowest, when that is lower by more than `warm_start_margin` than a fresh expert's (which adds nothing: the
+stage starts from the base model and half the shared expert's delta). A related later task then
 trains on from what the earlier one learned (amazon from yelp), and reassignment can hand the earlier task
 the result: an expert that has seen both tasks' data."""
 
@@ -85,12 +86,16 @@ class MoECLOptions(LocatorOptions):
     warm_start_examples: int = 0
     """Train examples of a new task used to choose an earlier expert to start its expert from (module
     docstring); 0 = every task expert starts fresh (the paper)."""
+    warm_start_margin: float = 0.0
+    """An expert is copied only when its answer loss is lower than a fresh expert's by more than this fraction."""
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.reassign_examples < 0 or self.warm_start_examples < 0 or not 0 <= self.reassign_margin < 1:
-            raise ValueError("need reassign_examples >= 0, warm_start_examples >= 0 and 0 <= reassign_margin < 1")
+        if self.reassign_examples < 0 or self.warm_start_examples < 0:
+            raise ValueError("need reassign_examples >= 0 and warm_start_examples >= 0")
+        if not (0 <= self.reassign_margin < 1 and 0 <= self.warm_start_margin < 1):
+            raise ValueError("need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1")
         if self.dropout:
             raise ValueError("dropout is not supported by moe_cl experts (use 0)")
         if self.adversarial_weight < 0 or self.memory_per_task < 0 or self.discriminator_hidden < 1:
@@ -310,7 +315,7 @@ class MoECL(LocatorHooks, Method):
         # (e, stage): task e's expert and gate with the live shared expert, as the stage will train them
         losses = {e: self._answer_loss(examples, (e, stage), ctx) for e in earlier + [stage]}
         best = min(earlier, key=losses.get)
-        source = best if losses[best] < (1 - self.options.reassign_margin) * losses[stage] else None
+        source = best if losses[best] < (1 - self.options.warm_start_margin) * losses[stage] else None
         names = [t.name for t in ctx.tasks]
         name = names[ctx.stages[stage][0]]
         self.warm_starts[name] = None if source is None else names[source]
