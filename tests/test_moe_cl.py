@@ -251,7 +251,7 @@ def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_
 def test_warm_start_copies_the_earlier_expert_and_gate_that_answer_the_new_task_best(tmp_path, tiny_config,
                                                                                      monkeypatch):
     """Candidates are every earlier expert and gate with the live shared expert, against a fresh expert; a copy
-    needs a loss lower by more than the margin, and the copy is then trained while its source stays frozen."""
+    needs a loss lower by more than the margin."""
     ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2, warm_start_margin=0.1)
     ctx.config.train.lr = 5e-2
     train_through(ctx, method, 2)

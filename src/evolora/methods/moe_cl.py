@@ -306,12 +306,9 @@ class MoECL(LocatorHooks, Method):
     def warm_start(self, stage: int, ctx) -> None:
         """Starts the stage's expert and gate from the earlier task's that answers its examples best."""
         earlier = sorted({t for s in range(stage) for t in ctx.stages[s]})
-        examples = []
-        for t in ctx.stages[stage]:
-            task = ctx.tasks[t]
-            rng = random.Random(f"moe_cl-warm-start:{self.options.seed}:{task.name}")
-            chosen = sorted(rng.sample(range(len(task.train)), min(self.options.warm_start_examples, len(task.train))))
-            examples += [ctx.prompts.encode_train(task, task.train[i], t) for i in chosen]
+        examples = [e for t in ctx.stages[stage]
+                    for e in self._sample_examples(t, ctx.tasks[t].train, self.options.warm_start_examples,
+                                                   "warm-start", ctx)]
         # (e, stage): task e's expert and gate with the live shared expert, as the stage will train them
         losses = {e: self._answer_loss(examples, (e, stage), ctx) for e in earlier + [stage]}
         best = min(earlier, key=losses.get)
@@ -375,9 +372,13 @@ class MoECL(LocatorHooks, Method):
     def _labelled_memory(self, task_index: int, ctx) -> list[Encoded]:
         """Up to `reassign_examples` of the task's dev examples, or of its train examples without a dev split."""
         task = ctx.tasks[task_index]
-        pool = task.dev or task.train
-        rng = random.Random(f"moe_cl-reassign:{self.options.seed}:{task.name}")
-        chosen = sorted(rng.sample(range(len(pool)), min(self.options.reassign_examples, len(pool))))
+        return self._sample_examples(task_index, task.dev or task.train, self.options.reassign_examples, "reassign", ctx)
+
+    def _sample_examples(self, task_index: int, pool: list, count: int, purpose: str, ctx) -> list[Encoded]:
+        """`count` examples of `pool` (or all), encoded with their answers, drawn the same way every run."""
+        task = ctx.tasks[task_index]
+        rng = random.Random(f"moe_cl-{purpose}:{self.options.seed}:{task.name}")
+        chosen = sorted(rng.sample(range(len(pool)), min(count, len(pool))))
         return [ctx.prompts.encode_train(task, pool[i], task_index) for i in chosen]
 
     @torch.no_grad()
