@@ -177,6 +177,7 @@ def test_save_load_gives_identical_outputs(tmp_path, tiny_config, snapshots):
     ({"reassign_margin": 1.5}, "method.options: need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1"),
     ({"warm_start_margin": -0.1}, "method.options: need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1"),
     ({"warm_start_examples": -1}, "method.options: need reassign_examples >= 0 and warm_start_examples >= 0"),
+    ({"reassign_by": "f1"}, "method.options.reassign_by"),
 ])
 def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -248,6 +249,37 @@ def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_
     assert method.answerers() == {t.name: ctx.tasks[e].name for t, e in zip(ctx.tasks, [2, 1, 0])}
 
 
+def test_reassignment_by_accuracy_compares_error_rates_scored_as_evaluation_scores(tmp_path, tiny_config,
+                                                                                    monkeypatch):
+    """`reassign_by: accuracy`: a task's kept examples are scored as its test examples are (so a task's error
+    rate there is what evaluation would report on them), and the margin applies to error rates."""
+    from evolora.engine import evaluate_row
+
+    ctx, method = moe_context(tmp_path, tiny_config, reassign_examples=6, reassign_by="accuracy")
+    ctx.config.train.lr = 5e-2
+    train_through(ctx, method, 2)
+    examples = method._labelled_memory(0, ctx)
+    for answer in [(0, 0), (1, 1)]:
+        error = method._answer_error(0, examples, answer, ctx)
+        monkeypatch.setattr(ctx.tasks[0], "test", examples)
+        monkeypatch.setattr(method, "answerer", torch.tensor([answer, (1, 1), (2, 2)]))
+        row, _ = evaluate_row(ctx, method, [0])
+        assert row[0] == pytest.approx(100.0 * (1.0 - error))
+    kept = {t.name: len(method._labelled_memory(j, ctx)) for j, t in enumerate(ctx.tasks)}
+    assert all(v * kept[task] == pytest.approx(round(v * kept[task]), abs=1e-3)  # error rates of kept examples
+               for task, losses in method.reassign_losses.items() for v in losses.values())
+
+    errors = {(0, 0): 0.5, (1, 1): 0.46, (2, 2): 0.4}  # 0.46 is not 10 % under 0.5; 0.4 is
+    monkeypatch.setattr(method, "_answer_error", lambda task, examples_, answer, ctx_: errors[answer])
+    monkeypatch.setattr(method, "_answer_loss", lambda *args: pytest.fail("reassign_by=accuracy read a loss"))
+    method.answerer = torch.arange(3).repeat(2, 1).T.contiguous()
+    method.reassign(1, ctx)
+    assert method.answerer[0].tolist() == [0, 0]
+    method.grow(2, ctx)
+    method.reassign(2, ctx)
+    assert method.answerer[0].tolist() == [2, 2]
+
+
 def test_warm_start_copies_the_earlier_expert_and_gate_that_answer_the_new_task_best(tmp_path, tiny_config,
                                                                                      monkeypatch):
     """Candidates are every earlier expert and gate with the live shared expert, against a fresh expert; a copy
@@ -301,11 +333,11 @@ def test_a_warm_started_expert_trains_on_while_its_source_stays_frozen(tmp_path,
 
 def test_reassignment_reads_the_dev_split_when_the_stream_has_one(tmp_path, tiny_config):
     """A task's own expert has trained on its train examples; held-out dev examples judge experts fairly."""
-    def chosen_inputs(ctx, method, task):
-        return {tuple(e.input_ids) for e in method._labelled_memory(task, ctx)}
-
     def encoded(ctx, task, examples):
         return {tuple(ctx.prompts.encode_train(ctx.tasks[task], ex, task).input_ids) for ex in examples}
+
+    def chosen_inputs(ctx, method, task):
+        return encoded(ctx, task, method._labelled_memory(task, ctx))
 
     ctx, method = moe_context(tmp_path / "a", tiny_config, reassign_examples=3)
     assert not ctx.tasks[1].dev and chosen_inputs(ctx, method, 1) <= encoded(ctx, 1, ctx.tasks[1].train)

@@ -32,7 +32,9 @@ answer loss on that task's examples is lowest: an old task compares its current 
 experts, the new task compares every expert. With shared snapshots a task may also take the newest shared
 expert with its own expert (where a later related task taught the shared expert what it needs) instead of
 its snapshot. A task moves only when the loss falls by more than `reassign_margin` (a loss from a handful of
-examples is noisy).
+examples is noisy). `reassign_by: accuracy` compares error rates instead, scored as evaluation scores (label
+log-likelihood or generation): a lower answer loss need not mean more right answers (a loss also rewards
+confidence in answers that were already right).
 
 Warm start (`warm_start_examples` > 0, not in the paper): a new task's expert and gate start as a copy of the
 earlier task's whose answer loss on a few of the new task's train examples (with the live shared expert) is
@@ -44,6 +46,7 @@ the result: an expert that has seen both tasks' data."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -54,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.data.prompting import Encoded
+from evolora.data.tasks import Example, Task
 from evolora.methods.base import Method
 from evolora.methods.experts import ExpertModel, Route, decoder_layers
 from evolora.methods.locator import LocatorHooks, LocatorOptions
@@ -83,6 +87,8 @@ class MoECLOptions(LocatorOptions):
     0 = every task keeps its own expert (the paper)."""
     reassign_margin: float = 0.1
     """A task moves to another expert only when its answer loss there is lower by more than this fraction."""
+    reassign_by: Literal["loss", "accuracy"] = "loss"
+    """What reassignment compares on the kept examples: answer loss, or error rate as evaluation scores it."""
     warm_start_examples: int = 0
     """Train examples of a new task used to choose an earlier expert to start its expert from (module
     docstring); 0 = every task expert starts fresh (the paper)."""
@@ -369,17 +375,40 @@ class MoECL(LocatorHooks, Method):
             self.reassign(stage, ctx)
 
     # --- reassignment ---------------------------------------------------------------------------
-    def _labelled_memory(self, task_index: int, ctx) -> list[Encoded]:
+    def _labelled_memory(self, task_index: int, ctx) -> list[Example]:
         """Up to `reassign_examples` of the task's dev examples, or of its train examples without a dev split."""
         task = ctx.tasks[task_index]
-        return self._sample_examples(task_index, task.dev or task.train, self.options.reassign_examples, "reassign", ctx)
+        return self._sample_raw(task, task.dev or task.train, self.options.reassign_examples, "reassign")
+
+    def _sample_raw(self, task: Task, pool: list[Example], count: int, purpose: str) -> list[Example]:
+        """`count` examples of `pool` (or all), drawn the same way every run."""
+        rng = random.Random(f"moe_cl-{purpose}:{self.options.seed}:{task.name}")
+        return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(count, len(pool))))]
 
     def _sample_examples(self, task_index: int, pool: list, count: int, purpose: str, ctx) -> list[Encoded]:
         """`count` examples of `pool` (or all), encoded with their answers, drawn the same way every run."""
         task = ctx.tasks[task_index]
-        rng = random.Random(f"moe_cl-{purpose}:{self.options.seed}:{task.name}")
-        chosen = sorted(rng.sample(range(len(pool)), min(count, len(pool))))
-        return [ctx.prompts.encode_train(task, pool[i], task_index) for i in chosen]
+        return [ctx.prompts.encode_train(task, ex, task_index) for ex in self._sample_raw(task, pool, count, purpose)]
+
+    def _reassign_score(self, task_index: int, examples: list[Example], answer: tuple[int, int], ctx) -> float:
+        """What reassignment minimises for a task answered by `answer` (`reassign_by`)."""
+        if self.options.reassign_by == "accuracy":
+            return self._answer_error(task_index, examples, answer, ctx)
+        task = ctx.tasks[task_index]
+        return self._answer_loss([ctx.prompts.encode_train(task, ex, task_index) for ex in examples], answer, ctx)
+
+    @torch.no_grad()
+    def _answer_error(self, task_index: int, examples: list[Example], answer: tuple[int, int], ctx) -> float:
+        """Error rate (0-1) on the examples answered by `answer`, scored as evaluation scores test examples."""
+        from evolora.evaluation import evaluate_task
+
+        cfg = ctx.config.eval
+        self.model.eval()
+        with ctx.accelerator.autocast(), self._use_expert(*answer):
+            result = evaluate_task(self.model, dataclasses.replace(ctx.tasks[task_index], test=examples), task_index,
+                                   ctx.prompts, ctx.device, cfg.mode, cfg.batch_size, cfg.max_new_tokens)
+        self.experts.clear()
+        return 1.0 - result.correct / result.total
 
     @torch.no_grad()
     def _answer_loss(self, examples: list[Encoded], answer: tuple[int, int], ctx) -> float:
@@ -419,7 +448,7 @@ class MoECL(LocatorHooks, Method):
                 # expert what this one needs
                 candidates.add((current[0], latest))
             examples = self._labelled_memory(t, ctx)
-            losses = {c: self._answer_loss(examples, c, ctx) for c in sorted(candidates)}
+            losses = {c: self._reassign_score(t, examples, c, ctx) for c in sorted(candidates)}
             best = min(losses, key=losses.get)
             self.answerer[t] = torch.tensor(best if losses[best] < (1 - margin) * losses[current] else current)
             self.reassign_losses[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in losses.items()}
