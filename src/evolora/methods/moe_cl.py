@@ -390,12 +390,15 @@ class MoECL(LocatorHooks, Method):
         task = ctx.tasks[task_index]
         return [ctx.prompts.encode_train(task, ex, task_index) for ex in self._sample_raw(task, pool, count, purpose)]
 
-    def _reassign_score(self, task_index: int, examples: list[Example], answer: tuple[int, int], ctx) -> float:
-        """What reassignment minimises for a task answered by `answer` (`reassign_by`)."""
+    def _reassign_scorer(self, task_index: int, ctx):
+        """What reassignment minimises for the task, as a function of its answerer (`reassign_by`), on its
+        kept examples."""
+        examples = self._labelled_memory(task_index, ctx)
         if self.options.reassign_by == "accuracy":
-            return self._answer_error(task_index, examples, answer, ctx)
+            return lambda answer: self._answer_error(task_index, examples, answer, ctx)
         task = ctx.tasks[task_index]
-        return self._answer_loss([ctx.prompts.encode_train(task, ex, task_index) for ex in examples], answer, ctx)
+        encoded = [ctx.prompts.encode_train(task, ex, task_index) for ex in examples]
+        return lambda answer: self._answer_loss(encoded, answer, ctx)
 
     @torch.no_grad()
     def _answer_error(self, task_index: int, examples: list[Example], answer: tuple[int, int], ctx) -> float:
@@ -447,8 +450,8 @@ class MoECL(LocatorHooks, Method):
                 # the task's expert with the newest shared expert: a later task may have taught the shared
                 # expert what this one needs
                 candidates.add((current[0], latest))
-            examples = self._labelled_memory(t, ctx)
-            losses = {c: self._reassign_score(t, examples, c, ctx) for c in sorted(candidates)}
+            score = self._reassign_scorer(t, ctx)
+            losses = {c: score(c) for c in sorted(candidates)}
             best = min(losses, key=losses.get)
             self.answerer[t] = torch.tensor(best if losses[best] < (1 - margin) * losses[current] else current)
             self.reassign_losses[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in losses.items()}
