@@ -267,7 +267,7 @@ def test_reassignment_by_accuracy_compares_error_rates_scored_as_evaluation_scor
         assert row[0] == pytest.approx(100.0 * (1.0 - error))
     kept = {t.name: len(method._labelled_memory(j, ctx)) for j, t in enumerate(ctx.tasks)}
     assert all(v * kept[task] == pytest.approx(round(v * kept[task]), abs=1e-3)  # error rates of kept examples
-               for task, losses in method.reassign_losses.items() for v in losses.values())
+               for task, scores in method.reassign_scores.items() for v in scores.values())
 
     errors = {(0, 0): 0.5, (1, 1): 0.46, (2, 2): 0.4}  # 0.46 is not 10 % under 0.5; 0.4 is
     monkeypatch.setattr(method, "_answer_error", lambda task, examples_, answer, ctx_: errors[answer])
@@ -356,11 +356,12 @@ def test_a_reassigned_task_is_answered_by_its_answerers_expert_and_gate_after_re
                       data={"max_tasks": 2}, train={"lr": 5e-2})
     record = run(build_config(raw))
     answered = record["method_metrics"]["answerer"]
+    assert record["method_metrics"]["reassign_by"] == "loss"  # says what the scores are
     assert list(answered) == record["stream"]["tasks"]
     ctx, method = load_run(tmp_path / "run")
     assert method.answerers() == answered  # the map travels in the checkpoint
     _, again = load_run(tmp_path / "run", ["method.options.reassign_examples=2"])
-    assert {t: set(losses) for t, losses in again.reassign_losses.items()} == \
+    assert {t: set(scores) for t, scores in again.reassign_scores.items()} == \
         {t: set(record["stream"]["tasks"]) for t in record["stream"]["tasks"]}  # every expert for every task
     method.answerer[0] = torch.tensor([1, 1])
     with torch.no_grad(), method._use_expert(1):

@@ -73,7 +73,8 @@ def _evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
         extra = {}
     if hasattr(method, "answerers") and method.options.reassign_examples:
         extra["answerer"] = method.answerers()
-        extra["reassign_losses"] = method.reassign_losses
+        extra["reassign_by"] = method.options.reassign_by
+        extra["reassign_scores"] = method.reassign_scores
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
               "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
               **extra}

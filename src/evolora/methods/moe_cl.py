@@ -188,7 +188,9 @@ class MoECL(LocatorHooks, Method):
         self.answerer = torch.arange(self.num_tasks).repeat(2, 1).T.contiguous()
         """Per task at inference: the task whose expert and gate answer it, and (with shared snapshots) the
         task whose shared snapshot does; itself for both unless reassigned."""
-        self.reassign_losses: dict[str, dict[str, float]] = {}
+        self.reassign_scores: dict[str, dict[str, float]] = {}
+        """Per task: each candidate answerer's score on its kept examples (answer loss, or error rate with
+        `reassign_by: accuracy`); lower is better."""
         self.warm_starts: dict[str, Optional[str]] = {}
         """Per task: the earlier task whose expert its expert started from (None: fresh)."""
         self.warm_start_losses: dict[str, dict[str, float]] = {}
@@ -451,10 +453,10 @@ class MoECL(LocatorHooks, Method):
                 # expert what this one needs
                 candidates.add((current[0], latest))
             score = self._reassign_scorer(t, ctx)
-            losses = {c: score(c) for c in sorted(candidates)}
-            best = min(losses, key=losses.get)
-            self.answerer[t] = torch.tensor(best if losses[best] < (1 - margin) * losses[current] else current)
-            self.reassign_losses[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in losses.items()}
+            scores = {c: score(c) for c in sorted(candidates)}
+            best = min(scores, key=scores.get)
+            self.answerer[t] = torch.tensor(best if scores[best] < (1 - margin) * scores[current] else current)
+            self.reassign_scores[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in scores.items()}
         self.reassign_s = time.perf_counter() - started
 
     @staticmethod
@@ -481,7 +483,7 @@ class MoECL(LocatorHooks, Method):
             out["discriminator_train_accuracy"] = 100.0 * int(self.disc_correct) / self.disc_total
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
-            out["reassign_losses"] = dict(self.reassign_losses)
+            out["reassign_scores"] = dict(self.reassign_scores)
             out["reassign_s"] = self.reassign_s
         if self.options.warm_start_examples:
             out["warm_start"] = dict(self.warm_starts)
@@ -498,6 +500,7 @@ class MoECL(LocatorHooks, Method):
                "adversarial_weight": self.options.adversarial_weight}
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
+            out["reassign_by"] = self.options.reassign_by
         if self.options.warm_start_examples:
             out["warm_start"] = dict(self.warm_starts)
         return out
