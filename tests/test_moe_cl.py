@@ -427,3 +427,26 @@ def test_with_snapshots_an_old_task_can_take_the_newest_shared_expert(tmp_path, 
         routed = logits(method.route(0))
         assert torch.equal(routed, logits(method._use_expert(0, 1)))  # its expert, the live shared expert
         assert not torch.equal(routed, logits(method._use_expert(0, 0)))  # not its snapshot
+
+
+def test_reassignment_leaves_training_unchanged(tmp_path, tiny_config):
+    """Reassignment only evaluates: with it on (by loss or by accuracy, any number of examples) every training
+    step's loss is what it is with it off."""
+    import json
+
+    def step_losses(name, **options):
+        raw = tiny_config(tmp_path / name, "moe_cl",
+                          method={"options": {"memory_per_task": 4, "shared_snapshots": True, **options}},
+                          data={"max_tasks": 3, "train_per_label": 8, "dev_per_label": 4},
+                          train={"log_every": 1, "lr": 5e-2})
+        record = run(build_config(raw))
+        steps = [json.loads(line) for line in (tmp_path / name / "run" / "steps.jsonl").read_text().splitlines()]
+        return [(s["stage"], s["step"], s["loss"]) for s in steps], record["stages"]
+
+    off, _ = step_losses("off")
+    assert len({stage for stage, _, _ in off}) == 3
+    for name, options in [("loss", {"reassign_examples": 4}),
+                          ("accuracy", {"reassign_examples": 8, "reassign_by": "accuracy"})]:
+        losses, stages = step_losses(name, **options)
+        assert stages[-1]["train"]["method"]["reassign_scores"]  # reassignment ran
+        assert losses == off
