@@ -5,7 +5,7 @@ operations that launch a kernel predicts its GPU step time better than a CPU tim
 taken on any machine. Counted with a dispatch mode over forward and backward (what reaches the kernels
 after autograd); view operations launch nothing and the optimizer is left out (on a GPU AdamW runs as a few
 multi-tensor kernels). The PEFT reference is one batch of equal-length prompts, so no padding mask; a padded
-batch adds the mask's operations (3,834 against 3,584 on SmolLM2 at batch 8).
+batch adds the mask's operations.
 
     python benchmarks/launch_count.py [--models smollm2-135m] [--methods seq_lora moe_cl] [--stage 2]
 """
