@@ -1,5 +1,5 @@
-"""MoE-CL on a tiny model: freezing, gate, adversarial gradient, both mixing modes, save/load, config errors,
-shared snapshots and reassignment."""
+"""MoE-CL on a tiny model: the reference form's defaults, freezing, gates, adversarial gradient, both mixing
+modes, save/load, config errors, the evolora variant, shared snapshots and reassignment."""
 
 import pytest
 import torch
@@ -31,8 +31,11 @@ def logits_on(ctx, method, task, n=4):
 
 
 @pytest.mark.parametrize("mixing", ["proj", "ffn"])
-def test_old_experts_gates_and_base_unchanged_after_a_later_task(tmp_path, tiny_config, mixing):
-    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing)
+@pytest.mark.parametrize("gate", ["layer", "task"])
+def test_old_experts_and_base_unchanged_after_a_later_task(tmp_path, tiny_config, mixing, gate):
+    """Old task experts stay bit-identical; the reference's one gate per layer trains at every stage, a
+    per-task gate only at its own."""
+    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing, gate=gate)
     ctx.config.train.lr = 5e-2
     base = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if id(p) in method.base_parameter_ids}
     train_through(ctx, method, 1)
@@ -42,7 +45,11 @@ def test_old_experts_gates_and_base_unchanged_after_a_later_task(tmp_path, tiny_
     assert any(p.abs().sum() > 0 for p in task0[1::2])  # B matrices moved off zero: the expert learned
     train_through(ctx, method, 2, start=1)
     assert all(torch.equal(a, b) for a, b in zip(task0, expert_snapshot(method, 1)))
-    assert all(torch.equal(a, g[0].weight) for a, g in zip(gate0, method.container.gates))
+    gates_kept = [torch.equal(a, g[0].weight) for a, g in zip(gate0, method.container.gates)]
+    if gate == "task":
+        assert all(gates_kept) and all(len(g) == 2 for g in method.container.gates)
+    else:
+        assert not any(gates_kept) and all(len(g) == 1 for g in method.container.gates)
     after = dict(ctx.model.named_parameters())
     assert all(torch.equal(base[n], after[n]) for n in base)
     assert any(not torch.equal(a, b) for a, b in zip(shared, expert_snapshot(method, 0)))  # shared keeps learning
@@ -51,8 +58,49 @@ def test_old_experts_gates_and_base_unchanged_after_a_later_task(tmp_path, tiny_
     assert not {id(p) for p in method.experts.expert_parameters(0, 1)} & trainable
 
 
+def test_defaults_are_the_reference_form(tmp_path, tiny_config):
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", data={"max_tasks": 3}))
+    ctx, method = build_context(cfg, None)
+    o = method.options
+    assert (o.mixing, o.gate, o.gate_input, o.adversarial_weight, o.discriminator_hidden, o.discriminator_classes,
+            o.memory_per_task, o.dropout, o.shared_snapshots, o.reassign_examples) == \
+        ("ffn", "layer", "ffn", 1.0, 0, "all", 0, 0.05, False, 0)
+    method.grow(0, ctx)
+    gate = method.container.gates[0][0]
+    assert gate.bias is None and gate.out_features == 2 and 0.005 < gate.weight.std().item() < 0.05  # N(0, 0.02)
+    disc = method.container.discriminators["0"]
+    assert len(disc) == 1 and disc[0].bias is None and disc[0].out_features == len(ctx.tasks)
+    assert sorted(int(k) for k in method.container.discriminators) == list(range(len(method.experts.layers)))
+
+
+def test_the_gate_reads_the_ffn_input(tmp_path, tiny_config):
+    """gate_input: ffn hands the gate what the FFN receives (the post-attention norm's output)."""
+    ctx, method = moe_context(tmp_path, tiny_config, memory_per_task=0)
+    method.grow(0, ctx)
+    layer = method.experts.layers[0]
+    seen = {}
+    layer.post_attention_layernorm.register_forward_hook(lambda m, i, out: seen.setdefault("norm", out))
+    real = method.experts.weights_fn
+    method.experts.weights_fn = lambda index, x: (seen.setdefault(index, x), real(index, x))[1]
+    batch = collate_train(ctx.encode_train(0)[:2], ctx.tokenizer.pad_token_id).to(ctx.device)
+    with torch.no_grad(), method.route(0):
+        ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    assert torch.equal(seen[0], seen["norm"])
+
+
+def test_the_evolora_variant_is_one_named_bundle_that_options_override(tmp_path, tiny_config):
+    from evolora.methods.moe_cl import EVOLORA_VARIANT
+
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": {"variant": "evolora", "r": 4}}))
+    _, method = build_context(cfg, None)
+    assert all(getattr(method.options, k) == v for k, v in EVOLORA_VARIANT.items())
+    assert method.options.r == 4
+    cfg = build_config(tiny_config(tmp_path, "moe_cl", method={"options": {"variant": "evolora", "mixing": "ffn"}}))
+    assert build_context(cfg, None)[1].options.mixing == "ffn"
+
+
 def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config):
-    ctx, method = moe_context(tmp_path, tiny_config)
+    ctx, method = moe_context(tmp_path, tiny_config, gate="task")
     for stage in range(3):
         method.grow(stage, ctx)
     for gates in method.container.gates:
@@ -77,6 +125,19 @@ def test_gate_weights_sum_to_one_and_pick_the_task_expert(tmp_path, tiny_config)
     assert experts.tolist() == [[0], [0]] and torch.equal(w, torch.ones(2, 5, 1, device=ctx.device))
 
 
+def test_one_gate_per_layer_weighs_every_task_alike(tmp_path, tiny_config):
+    ctx, method = moe_context(tmp_path, tiny_config)
+    for stage in range(3):
+        method.grow(stage, ctx)
+    x = torch.randn(2, 5, method.experts.hidden_size, device=ctx.device)
+    with method.route(2):
+        experts, w, _ = method._weights(0, x)
+    assert experts.tolist() == [[0, 3], [0, 3]]
+    with method.batch_route(torch.tensor([0, 2])):
+        experts, mixed, _ = method._weights(0, x)
+    assert experts.tolist() == [[0, 1], [0, 3]] and torch.allclose(mixed, w, atol=1e-6)
+
+
 def test_gradient_reversal_flips_and_scales():
     x = torch.randn(3, 4, requires_grad=True)
     GradientReversal.apply(x, 0.5).sum().backward()
@@ -87,7 +148,8 @@ def test_gradient_reversal_flips_and_scales():
 def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminator(tmp_path, tiny_config, mixing):
     from evolora.methods.base import StepInputs
 
-    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing, adversarial_weight=1.0)
+    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing, adversarial_weight=1.0, dropout=0.0,
+                              discriminator_hidden=8)
     for stage in range(2):
         method.grow(stage, ctx)
     for layer in range(len(method.experts.layers)):  # a non-zero shared expert, so its output carries signal
@@ -106,7 +168,7 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
         term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0, device=ctx.device), 1, ctx.model),
                                  ctx)["adversarial"]
         term.backward()
-        shared = method.experts.expert_parameters(len(method.experts.layers) - 1, 0)[1].grad.clone()
+        shared = method.experts.expert_parameters(len(method.experts.layers) - 1, 0)[-1].grad.clone()
         disc = next(iter(method.container.discriminators.values()))[0].weight.grad.clone()
         return shared, disc
 
@@ -118,7 +180,7 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
         mask = batch.attention_mask.unsqueeze(-1).float()
         per_layer = [torch.nn.functional.cross_entropy(
             method.container.discriminators[str(layer)](
-                (method.experts.routing[layer].recorded.float() * mask).sum(1) / mask.sum(1))[:, :2], batch.task_ids)
+                (method.experts.routing[layer].recorded.float() * mask).sum(1) / mask.sum(1)), batch.task_ids)
             for layer in method.disc_layers]
     assert len(per_layer) > 1 and torch.allclose(term, torch.stack(per_layer).mean(), atol=1e-5)
     method.options.adversarial_weight = -1.0  # same term without the reversal: a plain classifier loss
@@ -126,6 +188,34 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
     assert shared_reversed.abs().sum() > 0
     assert torch.allclose(shared_reversed, -shared_plain, atol=1e-6)
     assert torch.allclose(disc_reversed, disc_plain, atol=1e-6)  # the discriminator itself is not reversed
+
+
+@pytest.mark.parametrize("mixing, gate", [("ffn", "layer"), ("proj", "layer"), ("proj", "task"), ("ffn", "task")])
+def test_no_adversarial_gradient_reaches_a_gate(tmp_path, tiny_config, mixing, gate):
+    """The discriminator reads the shared expert's ungated output: its reversed gradient reaches the shared
+    expert and never a gate (with the discriminator on the first layer, nothing upstream holds a gate)."""
+    from evolora.methods.base import StepInputs
+
+    ctx, method = moe_context(tmp_path, tiny_config, mixing=mixing, gate=gate, discriminator_layers=[0],
+                              memory_per_task=2)
+    for stage in range(2):
+        method.grow(stage, ctx)
+    for layer in range(len(method.experts.layers)):
+        for p in method.experts.expert_parameters(layer, 0):
+            torch.nn.init.normal_(p, std=0.1)
+    for gates in method.container.gates:
+        for g in gates:
+            g.requires_grad_(True)
+    examples = method.training_examples(1, ctx.encode_train(1), ctx)
+    batch = collate_train(examples[:3] + examples[-2:], ctx.tokenizer.pad_token_id).to(ctx.device)
+    ctx.model.train()
+    ctx.model.zero_grad()
+    with method.batch_route(batch.task_ids):
+        out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.experts.expert_parameters(0, 0))
+    gate_grads = [g.weight.grad for gates in method.container.gates for g in gates]
+    assert all(grad is None or grad.abs().sum() == 0 for grad in gate_grads)
 
 
 def test_ffn_and_proj_mixing_differ_once_experts_are_trained(tmp_path, tiny_config):
@@ -174,10 +264,14 @@ def test_save_load_gives_identical_outputs(tmp_path, tiny_config, snapshots):
     ({"r": 0}, "method.options: r must be > 0"),
     ({"mixing": "sum"}, "method.options.mixing"),
     ({"discriminator_layers": [99]}, "discriminator_layers: layer 99 does not exist"),
-    ({"reassign_margin": 1.5}, "method.options: need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1"),
-    ({"warm_start_margin": -0.1}, "method.options: need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1"),
-    ({"warm_start_examples": -1}, "method.options: need reassign_examples >= 0 and warm_start_examples >= 0"),
+    ({"reassign_margin": 1.5}, "method.options: reassign_margin: must be in"),
+    ({"reassign_examples": -1}, "method.options: reassign_examples: must be >= 0"),
+    ({"adversarial_weight": -0.5}, "method.options: adversarial_weight: must be >= 0"),
     ({"reassign_by": "f1"}, "method.options.reassign_by"),
+    ({"gate": "two"}, "method.options.gate"),
+    ({"variant": "mine"}, "method.options.variant: unknown variant 'mine' for moe_cl"),
+    ({"target_modules": ["q_proj", "down_proj"]}, "target_modules: 'q_proj' is outside the FFN"),
+    ({"warm_start_examples": 4}, "method.options.warm_start_examples: unknown option"),
 ])
 def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -280,57 +374,6 @@ def test_reassignment_by_accuracy_compares_error_rates_scored_as_evaluation_scor
     assert method.answerer[0].tolist() == [2, 2]
 
 
-def test_warm_start_copies_the_earlier_expert_and_gate_that_answer_the_new_task_best(tmp_path, tiny_config,
-                                                                                     monkeypatch):
-    """Candidates are every earlier expert and gate with the live shared expert, against a fresh expert; a copy
-    needs a loss lower by more than the margin."""
-    ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2, warm_start_margin=0.1)
-    ctx.config.train.lr = 5e-2
-    train_through(ctx, method, 2)
-    for gates in method.container.gates:
-        for gate in gates:
-            torch.nn.init.normal_(gate.weight)
-    table = {1: {0: 0.95, 1: 1.0}, 2: {0: 0.6, 1: 0.5, 2: 1.0}}
-    asked = []
-
-    def fake_loss(examples, answer, ctx_):
-        assert {e.task_index for e in examples} == {stage} and len(examples) == 2
-        assert answer[1] == stage  # the live shared expert, as the stage trains with it
-        asked.append(answer[0])
-        return table[stage][answer[0]]
-
-    monkeypatch.setattr(method, "_answer_loss", fake_loss)
-    stage = 1
-    fresh = expert_snapshot(method, 2)
-    method.before_task(1, ctx)  # 0.95 is not below 0.9 * 1.0: task 1's expert stays as it is
-    assert all(torch.equal(a, b) for a, b in zip(fresh, expert_snapshot(method, 2)))
-    stage = 2
-    method.grow(2, ctx)
-    method.before_task(2, ctx)
-    assert sorted(asked) == [0, 0, 1, 1, 2]
-    assert all(torch.equal(a, b) for a, b in zip(expert_snapshot(method, 2), expert_snapshot(method, 3)))
-    assert all(torch.equal(g[1].weight, g[2].weight) and torch.equal(g[1].bias, g[2].bias)
-               for g in method.container.gates)
-    names = [t.name for t in ctx.tasks]
-    figures = method.stage_metrics(2)
-    assert figures["warm_start"] == {names[1]: None, names[2]: names[1]}
-    assert figures["warm_start_losses"][names[2]] == {names[0]: 0.6, names[1]: 0.5, "fresh": 1.0}
-
-
-def test_a_warm_started_expert_trains_on_while_its_source_stays_frozen(tmp_path, tiny_config, monkeypatch):
-    ctx, method = moe_context(tmp_path, tiny_config, warm_start_examples=2)
-    ctx.config.train.lr = 5e-2
-    train_through(ctx, method, 1)
-    source = expert_snapshot(method, 1)
-    monkeypatch.setattr(method, "_answer_loss", lambda examples, answer, c: 0.5 if answer[0] == 0 else 1.0)
-    method.grow(1, ctx)
-    method.before_task(1, ctx)
-    assert all(torch.equal(a, b) for a, b in zip(source, expert_snapshot(method, 2)))
-    train_through(ctx, method, 2, start=1)
-    assert all(torch.equal(a, b) for a, b in zip(source, expert_snapshot(method, 1)))
-    assert any(not torch.equal(a, b) for a, b in zip(source, expert_snapshot(method, 2)))
-
-
 def test_reassignment_reads_the_dev_split_when_the_stream_has_one(tmp_path, tiny_config):
     """A task's own expert has trained on its train examples; held-out dev examples judge experts fairly."""
     def encoded(ctx, task, examples):
@@ -379,7 +422,8 @@ def test_shared_snapshots_keep_an_old_tasks_outputs_exactly(tmp_path, tiny_confi
     form changes, through the live shared expert); the current task reads the live shared expert."""
     outputs = {}
     for snapshots in (False, True):
-        ctx, method = moe_context(tmp_path / str(snapshots), tiny_config, mixing=mixing, shared_snapshots=snapshots)
+        ctx, method = moe_context(tmp_path / str(snapshots), tiny_config, mixing=mixing, shared_snapshots=snapshots,
+                                  gate="task")
         ctx.config.train.lr = 5e-2
         train_through(ctx, method, 1)
         ctx.model.eval()

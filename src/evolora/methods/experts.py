@@ -68,10 +68,11 @@ class LayerRouting:
 
 
 class ExpertLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, routing: LayerRouting, r: int, alpha: float):
+    def __init__(self, base: nn.Linear, name: str, routing: LayerRouting, r: int, alpha: float,
+                 dropout: float = 0.0):
         super().__init__()
         self.base, self.name, self.routing = base, name, routing
-        self.r, self.scaling = r, alpha / r
+        self.r, self.scaling, self.dropout = r, alpha / r, dropout
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
 
@@ -103,7 +104,14 @@ class ExpertLinear(nn.Module):
         if routing.weights is None or self.num_experts == 0:
             return out
         w = routing.scaled_weights(x.dtype, self.scaling)
-        record = routing.record == self.name
+        if record := routing.record == self.name:
+            # the shared expert's (expert 0) ungated delta, on a detached input: what a discriminator reads
+            # reaches the shared expert's factors here and nothing that computed the input (no gate)
+            x0 = x.detach()
+            routing.recorded = F.linear(F.linear(x0, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype)) \
+                * self.scaling
+        if self.dropout and self.training:  # LoRA dropout on the experts' input (PEFT's place for it)
+            x = F.dropout(x, self.dropout)
         r = self.r
         if routing.experts is None:  # dense weights over the first n experts
             n = w.shape[-1]
@@ -111,24 +119,18 @@ class ExpertLinear(nn.Module):
             B = torch.stack(tuple(self.lora_B[:n])).to(x.dtype)  # [E, out, r]
             xa = torch.einsum("...i,eri->...er", x, A) * w.unsqueeze(-1)
             delta = torch.einsum("...er,eor->...o", xa, B)
-            if record:
-                routing.recorded = torch.einsum("...r,or->...o", xa[..., 0, :], B[0])
         elif routing.common is not None:  # the same experts for every sample
             experts = routing.common
             A = torch.cat([self.lora_A[e] for e in experts]).to(x.dtype)  # [k*r, in]
             B = torch.cat([self.lora_B[e] for e in experts], dim=1).to(x.dtype)  # [out, k*r]
             xa = (F.linear(x, A).unflatten(-1, (len(experts), r)) * w.unsqueeze(-1)).flatten(-2)
             delta = F.linear(xa, B)
-            if record:
-                routing.recorded = F.linear(xa[..., :r], B[:, :r])
         else:  # each sample's own experts
             A = torch.stack(tuple(self.lora_A))[routing.experts].to(x.dtype)  # [B, k, r, in]
             B = torch.stack(tuple(self.lora_B))[routing.experts].to(x.dtype)  # [B, k, out, r]
             k = A.shape[1]
             xa = torch.bmm(x, A.flatten(1, 2).transpose(1, 2)).unflatten(-1, (k, r)) * w.unsqueeze(-1)  # [B, T, k, r]
             delta = torch.bmm(xa.flatten(-2), B.transpose(2, 3).flatten(1, 2))
-            if record:
-                routing.recorded = torch.bmm(xa[:, :, 0], B[:, 0].transpose(1, 2))
         return out + delta.to(out.dtype)
 
 
@@ -146,11 +148,14 @@ def _hidden_from_call(args, kwargs) -> torch.Tensor:
 
 class ExpertModel:
     """Installs ExpertLinears over the targeted projections of every decoder layer and calls
-    `weights_fn(layer_index, normalized_layer_input)` before each layer to fill its routing (dense weights,
-    a `Route`, or None for the base layer alone)."""
+    `weights_fn(layer_index, gate_input)` to fill each layer's routing (dense weights, a `Route`, or None for
+    the base layer alone). `gate_input`: `layer` = before the decoder layer, on its input RMS-normalised
+    without a learned weight; `ffn` = before the layer's FFN, on the FFN's input (the output of the
+    post-attention norm, as the FFN sees it); every target must then be inside the FFN."""
 
     def __init__(self, model: nn.Module, targets: list[str], r: int, alpha: float,
-                 weights_fn: Callable[[int, torch.Tensor], Union[None, torch.Tensor, Route]]):
+                 weights_fn: Callable[[int, torch.Tensor], Union[None, torch.Tensor, Route]],
+                 gate_input: str = "layer", dropout: float = 0.0):
         self.layers = decoder_layers(model)
         self.routing = [LayerRouting(i) for i in range(len(self.layers))]
         self.linears: list[dict[str, ExpertLinear]] = []
@@ -163,30 +168,38 @@ class ExpertModel:
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf in targets and isinstance(module, nn.Linear):
                     parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-                    wrapped = ExpertLinear(module, leaf, self.routing[i], r, alpha)
+                    if gate_input == "ffn" and not name.startswith("mlp."):
+                        from evolora.errors import ConfigError
+
+                        raise ConfigError(f"method.options.target_modules: {leaf!r} is outside the FFN, but the "
+                                          "experts are mixed at the FFN (mixing: ffn or gate_input: ffn)")
+                    wrapped = ExpertLinear(module, leaf, self.routing[i], r, alpha, dropout)
                     setattr(parent, leaf, wrapped)
                     found[name] = wrapped
             self.linears.append(found)
-            layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+            hooked = layer.mlp if gate_input == "ffn" else layer
+            hooked.register_forward_pre_hook(self._make_hook(i, normalize=gate_input != "ffn"), with_kwargs=True)
 
     @classmethod
-    def install(cls, model: nn.Module, options, weights_fn) -> "ExpertModel":
-        """Freezes the whole model and installs experts over `options.target_modules` (LoRA rank and
-        alpha from the options); a target the model does not have is a one-line config error."""
+    def install(cls, model: nn.Module, options, weights_fn, gate_input: str = "layer") -> "ExpertModel":
+        """Freezes the whole model and installs experts over `options.target_modules` (LoRA rank, alpha and
+        dropout from the options); a target the model does not have is a one-line config error."""
         from evolora.methods.base import check_target_modules
 
         check_target_modules(model, options.target_modules)
         model.requires_grad_(False)
-        return cls(model, list(options.target_modules), options.r, options.alpha, weights_fn)
+        return cls(model, list(options.target_modules), options.r, options.alpha, weights_fn, gate_input,
+                   options.dropout)
 
-    def _make_hook(self, index: int):
+    def _make_hook(self, index: int, normalize: bool):
         def hook(module, args, kwargs):
             if self.off:
                 self.routing[index].set(None)
                 return
             h = _hidden_from_call(args, kwargs)
-            normed = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
-            self.routing[index].set(self.weights_fn(index, normed))
+            if normalize:
+                h = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
+            self.routing[index].set(self.weights_fn(index, h))
         return hook
 
     @contextlib.contextmanager

@@ -1,47 +1,29 @@
-"""MoE-CL (arXiv 2509.18133): per-task LoRA experts, a shared LoRA expert, a per-task gate that mixes the
-two per token, and a task-aware discriminator trained adversarially on the shared expert's output.
+"""MoE-CL (arXiv 2509.18133; reference code BAI-LAB/MoE-CL): per-task LoRA experts, a shared LoRA expert,
+a gate that mixes the two per token, and a task discriminator trained adversarially on the shared expert's
+output so that it carries what the tasks share. docs/methods/moe_cl.md compares every choice with the
+reference code.
 
-Expert 0 of every targeted projection is the shared expert; expert 1+t belongs to task t. At task t the
-layer's gate t (a linear map of the layer's input to 2 logits) gives per-token weights (g_shared, g_task).
-Mixing `proj`: every projection adds g_s*B_s A_s x + g_t*B_t A_t x. Mixing `ffn` (the paper's form): the
-FFN runs once with the shared expert's deltas and once with the task expert's (one batched call of twice
-the rows), and the outputs are mixed by the same weights.
+Expert 0 of every targeted projection is the shared expert; expert 1+t (1+2t with shared snapshots) is task
+t's. With no options this is the reference form: the FFN runs once with the shared expert's LoRA deltas and
+once with the task expert's, and the two outputs are mixed per token by the layer's gate (`Linear(hidden, 2,
+bias=False)`, N(0, 0.02), reading the FFN's input, one per layer, trained at every stage). At every layer the
+masked token mean of the shared expert's (ungated) FFN output goes through a gradient reversal layer into the
+layer's discriminator (a bias-free linear over all tasks of the stream); the loss adds the mean over layers
+of its cross-entropy, and the reversal scales the gradient reaching the shared expert by `adversarial_weight`.
+The base model and finished tasks' experts are frozen. Inference routes by task id (`route(t)`), given or found by a task locator.
 
-Adversarial term: on chosen layers, the masked mean over tokens of the shared expert's output (its delta
-on the last targeted projection in `proj` mode, its FFN output in `ffn` mode) goes through a gradient
-reversal layer into a discriminator over the tasks seen so far; the total loss adds its cross-entropy.
-The discriminator learns to tell tasks apart; the reversed gradient (times lambda) pushes the shared
-expert to make that impossible. A stage holds only its own task's data, so the discriminator would see a
-single class: `memory_per_task` prompts of every earlier task join the stage (with no answer, so no LM
-loss), routed to their own experts, and serve only the adversarial term. 0 = the reference behaviour.
-
-The base model and the experts and gates of finished tasks are frozen; the shared expert and the
-discriminators train throughout. Inference routes by task id (`route(t)`), given by the oracle or by a
-task locator.
+`variant: evolora` names evolora's own combination (VARIANTS below): `proj` mixing (gated deltas summed inside
+each projection), one gate per task frozen after it, an MLP discriminator over the tasks seen so far fed
+stored prompts of earlier tasks (`memory_per_task`), frozen shared snapshots per task, and reassignment of
+answering experts by dev accuracy. Any option given beside it overrides the variant's value.
 
 Shared snapshots (`shared_snapshots`, not in the paper): expert 1+2t is task t's and 2+2t a frozen copy of
-the shared expert taken when task t finished; a task that is not the latest reads its copy, so later
-training of the shared expert (which is what makes the paper's form forget) no longer reaches it.
+the shared expert taken when task t finished; a task that is not the latest reads its copy.
 
-Reassignment (`reassign_examples` > 0, not in the paper): a frozen task expert learns nothing from later
-tasks, so when a later task teaches what an earlier one needed (amazon reviews after yelp reviews), the
-earlier task cannot use it. With a few labelled examples kept per task (from its dev split where the stream
-has one, `data.dev_per_label`; else from its train split, where the task's own expert has seen them and so
-looks better than it is), after each stage every seen task is answered by the expert (with its gate) whose
-answer loss on that task's examples is lowest: an old task compares its current answerer with the new
-experts, the new task compares every expert. With shared snapshots a task may also take the newest shared
-expert with its own expert (where a later related task taught the shared expert what it needs) instead of
-its snapshot. A task moves only when the loss falls by more than `reassign_margin` (a loss from a handful of
-examples is noisy). `reassign_by: accuracy` compares error rates instead, scored as evaluation scores (label
-log-likelihood or generation): a lower answer loss need not mean more right answers (a loss also rewards
-confidence in answers that were already right).
-
-Warm start (`warm_start_examples` > 0, not in the paper): a new task's expert and gate start as a copy of the
-earlier task's whose answer loss on a few of the new task's train examples (with the live shared expert) is
-lowest, when that is lower by more than `warm_start_margin` than a fresh expert's (which adds nothing: the
-stage starts from the base model and half the shared expert's delta). A related later task then
-trains on from what the earlier one learned (amazon from yelp), and reassignment can hand the earlier task
-the result: an expert that has seen both tasks' data."""
+Reassignment (`reassign_examples` > 0, not in the paper): after each stage every seen task is answered by the
+expert (with its gate) that does best on a few of the task's labelled examples (its dev split when the stream
+has one): by answer loss, or by error rate scored as evaluation scores (`reassign_by: accuracy`). A task moves
+only when the score falls by more than `reassign_margin`."""
 
 from __future__ import annotations
 
@@ -50,7 +32,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,44 +50,54 @@ ANSWERER = "moe_cl.answerer"
 """The checkpoint's name for `answerer` (per task: the task whose expert answers it, and whose shared snapshot)."""
 
 
+EVOLORA_VARIANT = {"mixing": "proj", "gate": "task", "gate_input": "layer", "adversarial_weight": 0.1,
+                   "discriminator_hidden": 64, "discriminator_classes": "seen", "memory_per_task": 16,
+                   "dropout": 0.0, "shared_snapshots": True, "reassign_examples": 80, "reassign_by": "accuracy"}
+"""evolora's MoE-CL variant (with `data.dev_per_label: 16` in the benchmark suites, so reassignment reads dev)."""
+
+
 @dataclass
 class MoECLOptions(LocatorOptions):
-    mixing: Literal["proj", "ffn"] = "proj"
-    adversarial_weight: float = 0.1
+    VARIANTS: ClassVar[dict[str, dict]] = {"evolora": EVOLORA_VARIANT}
+    variant: Optional[Literal["evolora"]] = None
+    """A named bundle of option values (VARIANTS); options given beside it override the bundle."""
+    dropout: float = 0.05
+    mixing: Literal["ffn", "proj"] = "ffn"
+    """ffn: the FFN run with each expert, outputs mixed; proj: gated deltas summed inside each projection."""
+    gate: Literal["layer", "task"] = "layer"
+    """layer: one gate per layer, trained at every stage; task: one gate per task and layer, frozen after it."""
+    gate_input: Literal["ffn", "layer"] = "ffn"
+    """ffn: the FFN's input (post-attention norm); layer: the decoder layer's input, RMS-normalised."""
+    adversarial_weight: float = 1.0
     """lambda of the gradient reversal; 0 turns the discriminator off."""
     discriminator_layers: Optional[list[int]] = None
     """Decoder layers whose shared output the discriminator sees (negative counts from the end); none = all."""
-    discriminator_hidden: int = 64
-    memory_per_task: int = 16
+    discriminator_hidden: int = 0
+    """0: one bias-free linear per layer (the reference); N: an MLP with N hidden units."""
+    discriminator_classes: Literal["all", "seen"] = "all"
+    """The discriminator's softmax over all tasks of the stream, or over the tasks seen so far."""
+    memory_per_task: int = 0
     """Prompts of each earlier task kept for the adversarial term; 0 = only the current task (reference)."""
     shared_snapshots: bool = False
-    """Each task keeps a frozen copy of the shared expert as it was when the task finished and reads that
-    copy once a later task trains: old tasks cannot forget through the shared expert (one more expert of
-    parameters per task). Off = the paper: every task reads the live shared expert."""
+    """Each task reads a frozen copy of the shared expert taken when it finished (module docstring)."""
     reassign_examples: int = 0
-    """Labelled examples kept per task (dev split first) to choose which expert answers it (module docstring);
-    0 = every task keeps its own expert (the paper)."""
+    """Labelled examples kept per task (dev split first) to choose which expert answers it; 0 = off."""
     reassign_margin: float = 0.1
-    """A task moves to another expert only when its answer loss there is lower by more than this fraction."""
+    """A task moves to another expert only when its score there is lower by more than this fraction."""
     reassign_by: Literal["loss", "accuracy"] = "loss"
     """What reassignment compares on the kept examples: answer loss, or error rate as evaluation scores it."""
-    warm_start_examples: int = 0
-    """Train examples of a new task used to choose an earlier expert to start its expert from (module
-    docstring); 0 = every task expert starts fresh (the paper)."""
-    warm_start_margin: float = 0.0
-    """An expert is copied only when its answer loss is lower than a fresh expert's by more than this fraction."""
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.reassign_examples < 0 or self.warm_start_examples < 0:
-            raise ValueError("need reassign_examples >= 0 and warm_start_examples >= 0")
-        if not (0 <= self.reassign_margin < 1 and 0 <= self.warm_start_margin < 1):
-            raise ValueError("need 0 <= reassign_margin < 1 and 0 <= warm_start_margin < 1")
-        if self.dropout:
-            raise ValueError("dropout is not supported by moe_cl experts (use 0)")
-        if self.adversarial_weight < 0 or self.memory_per_task < 0 or self.discriminator_hidden < 1:
-            raise ValueError("need adversarial_weight >= 0, memory_per_task >= 0, discriminator_hidden >= 1")
+        if self.reassign_examples < 0:
+            raise ValueError("reassign_examples: must be >= 0")
+        if not 0 <= self.reassign_margin < 1:
+            raise ValueError("reassign_margin: must be in [0, 1)")
+        if self.adversarial_weight < 0:
+            raise ValueError("adversarial_weight: must be >= 0")
+        if self.memory_per_task < 0 or self.discriminator_hidden < 0:
+            raise ValueError("memory_per_task and discriminator_hidden: must be >= 0")
 
 
 class GradientReversal(torch.autograd.Function):
@@ -123,9 +115,11 @@ class MixedFFN(nn.Module):
     """The paper's mixing: the FFN with the shared expert's deltas and the FFN with the task expert's,
     outputs mixed per token by the gate. Both run in one call of the wrapped FFN over 2B rows."""
 
-    def __init__(self, mlp: nn.Module, routing):
+    def __init__(self, mlp: nn.Module):
         super().__init__()
-        self.mlp, self.routing = mlp, routing
+        self.mlp = mlp
+        self.routing = None
+        """The layer's LayerRouting, set once the experts are installed."""
 
     def forward(self, x):
         routing = self.routing
@@ -146,6 +140,14 @@ class MixedFFN(nn.Module):
         return w[..., :1].to(out.dtype) * out_shared + w[..., 1:].to(out.dtype) * out_task
 
 
+def _stacked_linear(linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """Each layer's linear on its own rows, in one batched product: x [L, B, in] -> [L, B, out]."""
+    weight = torch.stack([m.weight for m in linears]).transpose(1, 2)
+    if linears[0].bias is None:
+        return torch.bmm(x, weight)
+    return torch.baddbmm(torch.stack([m.bias for m in linears]).unsqueeze(1), x, weight)
+
+
 @register
 class MoECL(LocatorHooks, Method):
     name = "moe_cl"
@@ -156,7 +158,10 @@ class MoECL(LocatorHooks, Method):
         self.model = model
         self.num_tasks = len(ctx.tasks)
         self.tasks = ctx.tasks
-        self.experts = ExpertModel.install(model, opts, self._weights)
+        if opts.mixing == "ffn":  # wrapped first, so the gate's hook (gate_input: ffn) sees the FFN's input once
+            for layer in decoder_layers(model):
+                layer.mlp = MixedFFN(layer.mlp)
+        self.experts = ExpertModel.install(model, opts, self._weights, gate_input=opts.gate_input)
         n_layers, hidden = len(self.experts.layers), self.experts.hidden_size
         for layer in range(n_layers):
             self.experts.add_expert(layer)  # the shared expert, index 0
@@ -172,15 +177,13 @@ class MoECL(LocatorHooks, Method):
         self.disc_layers = sorted({i % n_layers for i in chosen})
         if opts.mixing == "ffn":
             for i, layer in enumerate(decoder_layers(model)):
-                layer.mlp = MixedFFN(layer.mlp, self.experts.routing[i])
+                layer.mlp.routing = self.experts.routing[i]
             self.record_name, width = "ffn", hidden
         else:
             last = list(self.experts.linears[0].values())[-1]
             self.record_name, width = last.name, last.base.out_features
         container.discriminators = nn.ModuleDict({
-            str(i): nn.Sequential(nn.Linear(width, opts.discriminator_hidden), nn.GELU(),
-                                  nn.Linear(opts.discriminator_hidden, self.num_tasks))
-            for i in self.disc_layers} if opts.adversarial_weight > 0 else {})
+            str(i): self._discriminator(width) for i in self.disc_layers} if opts.adversarial_weight > 0 else {})
         model.add_module("moe_cl", container.to(next(model.parameters()).device))
         self.container = container
         self.setup_locator(model, ctx)
@@ -191,9 +194,6 @@ class MoECL(LocatorHooks, Method):
         self.reassign_scores: dict[str, dict[str, float]] = {}
         """Per task: each candidate answerer's score on its kept examples (answer loss, or error rate with
         `reassign_by: accuracy`); lower is better."""
-        self.warm_starts: dict[str, Optional[str]] = {}
-        """Per task: the earlier task whose expert its expert started from (None: fresh)."""
-        self.warm_start_losses: dict[str, dict[str, float]] = {}
         self.reassign_s = 0.0
         self.fixed_task: Optional[tuple[int, int]] = None
         """(task whose expert and gate, task whose shared snapshot) for every sample while routed."""
@@ -203,6 +203,15 @@ class MoECL(LocatorHooks, Method):
         self._expert_ids: dict = {}
         self.disc_correct = self.disc_total = 0
         return model
+
+    def _discriminator(self, width: int) -> nn.Module:
+        """The reference's bias-free linear over the tasks (N(0, 0.02)), or an MLP (`discriminator_hidden`)."""
+        hidden = self.options.discriminator_hidden
+        if not hidden:
+            linear = nn.Linear(width, self.num_tasks, bias=False)
+            nn.init.normal_(linear.weight, std=0.02)
+            return nn.Sequential(linear)
+        return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, self.num_tasks))
 
     # --- structure ------------------------------------------------------------------------------
     @property
@@ -215,20 +224,32 @@ class MoECL(LocatorHooks, Method):
 
     def grow(self, stage, ctx):
         device = next(self.model.parameters()).device
+        per_task = self.options.gate == "task"
         for layer in range(len(self.experts.layers)):
             while self.experts.num_experts(layer) < 1 + self._stride * (stage + 1):
                 # a snapshot slot starts as a copy (no random draw, so the task experts' inits are the paper's)
                 snapshot = self.options.shared_snapshots and self.experts.num_experts(layer) % 2 == 0
                 self.experts.add_expert(layer, copy_from=0 if snapshot else None)
             gates = self.container.gates[layer]
-            while len(gates) < stage + 1:
-                gate = nn.Linear(self.experts.hidden_size, 2).to(device)
-                nn.init.zeros_(gate.weight)
-                nn.init.zeros_(gate.bias)
-                gates.append(gate)
+            while len(gates) < (stage + 1 if per_task else 1):
+                if per_task:  # starts at an even mix, with a bias
+                    gate = nn.Linear(self.experts.hidden_size, 2)
+                    nn.init.zeros_(gate.weight)
+                    nn.init.zeros_(gate.bias)
+                else:  # the reference: one bias-free gate per layer, N(0, 0.02)
+                    gate = nn.Linear(self.experts.hidden_size, 2, bias=False)
+                    nn.init.normal_(gate.weight, std=0.02)
+                gates.append(gate.to(device))
         self.grow_locator(stage)
         self.current = stage
         self._set_trainable(stage)
+
+    @property
+    def tasks_with_experts(self) -> int:
+        return (self.experts.num_experts(0) - 1) // self._stride
+
+    def _gate_of(self, task: int) -> int:
+        return task if self.options.gate == "task" else 0
 
     def _set_trainable(self, stage: int) -> None:
         self.model.requires_grad_(False)
@@ -237,7 +258,7 @@ class MoECL(LocatorHooks, Method):
                 self.experts.expert_parameters(layer, self._expert_of(stage))
             for p in trained:
                 p.requires_grad_(True)
-            self.container.gates[layer][stage].requires_grad_(True)
+            self.container.gates[layer][self._gate_of(stage)].requires_grad_(True)
         self.container.discriminators.requires_grad_(True)
 
     # --- routing --------------------------------------------------------------------------------
@@ -255,8 +276,9 @@ class MoECL(LocatorHooks, Method):
             if common < 0:  # no task known: the shared expert alone
                 return Route(torch.zeros(batch, 1, device=x.device, dtype=torch.long),
                              torch.ones(batch, length, 1, device=x.device, dtype=x.dtype), (0,))
-            gate = gates[common]
-            g = torch.softmax(F.linear(x, gate.weight.to(x.dtype), gate.bias.to(x.dtype)).float(), -1)
+            gate = gates[self._gate_of(common)]
+            bias = None if gate.bias is None else gate.bias.to(x.dtype)
+            g = torch.softmax(F.linear(x, gate.weight.to(x.dtype), bias).float(), -1)
             shared = 0
             if self.options.shared_snapshots and not self.model.training:
                 source = common if self.fixed_task is None or self.sample_tasks is not None else self.fixed_task[1]
@@ -269,9 +291,12 @@ class MoECL(LocatorHooks, Method):
                 self._expert_ids[key] = torch.tensor(experts, device=x.device).expand(batch, 2)
             return Route(self._expert_ids[key], g, experts)
         tasks = self.sample_tasks.to(x.device)
-        W = torch.stack([g.weight for g in gates])[tasks]  # [B, 2, d]
-        b = torch.stack([g.bias for g in gates])[tasks]    # [B, 2]
-        g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
+        if self.options.gate == "task":
+            W = torch.stack([g.weight for g in gates])[tasks]  # [B, 2, d]
+            b = torch.stack([g.bias for g in gates])[tasks]    # [B, 2]
+            g = torch.softmax((torch.einsum("btd,bkd->btk", x, W.to(x.dtype)) + b.unsqueeze(1).to(x.dtype)).float(), -1)
+        else:  # one gate for every task
+            g = torch.softmax(F.linear(x, gates[0].weight.to(x.dtype)).float(), -1)
         shared = torch.zeros_like(tasks)
         if self.options.shared_snapshots and not self.model.training:
             shared = torch.where(tasks < self.current, self._expert_of(tasks) + 1, shared)
@@ -279,8 +304,8 @@ class MoECL(LocatorHooks, Method):
 
     @contextlib.contextmanager
     def route(self, task_index):
-        trained = len(self.container.gates[0])  # a task without an expert yet (FWT) gets the shared expert alone
-        known = task_index is not None and task_index < trained
+        # a task without an expert yet (FWT) gets the shared expert alone
+        known = task_index is not None and task_index < self.tasks_with_experts
         with self._use_expert(*self.answerer[task_index].tolist()) if known else self._use_expert(-1):
             yield
 
@@ -306,34 +331,6 @@ class MoECL(LocatorHooks, Method):
             self.sample_tasks = self.batch_task = None
 
     # --- training -------------------------------------------------------------------------------
-    def before_task(self, stage, ctx):
-        super().before_task(stage, ctx)
-        if self.options.warm_start_examples and stage > 0:
-            self.warm_start(stage, ctx)
-
-    def warm_start(self, stage: int, ctx) -> None:
-        """Starts the stage's expert and gate from the earlier task's that answers its examples best."""
-        earlier = sorted({t for s in range(stage) for t in ctx.stages[s]})
-        examples = [e for t in ctx.stages[stage]
-                    for e in self._sample_examples(t, ctx.tasks[t].train, self.options.warm_start_examples,
-                                                   "warm-start", ctx)]
-        # (e, stage): task e's expert and gate with the live shared expert, as the stage will train them
-        losses = {e: self._answer_loss(examples, (e, stage), ctx) for e in earlier + [stage]}
-        best = min(earlier, key=losses.get)
-        source = best if losses[best] < (1 - self.options.warm_start_margin) * losses[stage] else None
-        names = [t.name for t in ctx.tasks]
-        name = names[ctx.stages[stage][0]]
-        self.warm_starts[name] = None if source is None else names[source]
-        self.warm_start_losses[name] = {("fresh" if e == stage else names[e]): round(v, 4) for e, v in losses.items()}
-        if source is None:
-            return
-        with torch.no_grad():
-            for layer in range(len(self.experts.layers)):
-                self.experts.copy_expert(layer, self._expert_of(source), self._expert_of(stage))
-                gates = self.container.gates[layer]
-                gates[stage].weight.copy_(gates[source].weight)
-                gates[stage].bias.copy_(gates[source].bias)
-
     def training_examples(self, stage, examples, ctx):
         size = self.options.memory_per_task if self.container.discriminators else 0
         memory = []
@@ -357,11 +354,11 @@ class MoECL(LocatorHooks, Method):
         mask = mask / mask.sum(1, keepdim=True).clamp(min=1)
         features = GradientReversal.apply(torch.einsum("lbtd,bt->lbd", shared, mask), self.options.adversarial_weight)
         discriminators = [self.container.discriminators[str(layer)] for layer in self.disc_layers]
-        first, last = ([d[i] for d in discriminators] for i in (0, 2))
-        hidden = F.gelu(torch.baddbmm(torch.stack([m.bias for m in first]).unsqueeze(1), features,
-                                      torch.stack([m.weight for m in first]).transpose(1, 2)))
-        logits = torch.baddbmm(torch.stack([m.bias for m in last]).unsqueeze(1), hidden,
-                               torch.stack([m.weight for m in last]).transpose(1, 2))[..., :seen]  # [L, B, seen]
+        logits = _stacked_linear([d[0] for d in discriminators], features)
+        if len(discriminators[0]) > 1:  # the MLP form: linear, GELU, linear
+            logits = _stacked_linear([d[2] for d in discriminators], F.gelu(logits))
+        if self.options.discriminator_classes == "seen":
+            logits = logits[..., :seen]  # [L, B, classes]
         self.disc_correct = self.disc_correct + (logits[-1].argmax(-1) == labels).sum()  # read at the stage's end
         self.disc_total += len(labels)
         # the mean over layers of each layer's cross-entropy
@@ -386,11 +383,6 @@ class MoECL(LocatorHooks, Method):
         """`count` examples of `pool` (or all), drawn the same way every run."""
         rng = random.Random(f"moe_cl-{purpose}:{self.options.seed}:{task.name}")
         return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(count, len(pool))))]
-
-    def _sample_examples(self, task_index: int, pool: list, count: int, purpose: str, ctx) -> list[Encoded]:
-        """`count` examples of `pool` (or all), encoded with their answers, drawn the same way every run."""
-        task = ctx.tasks[task_index]
-        return [ctx.prompts.encode_train(task, ex, task_index) for ex in self._sample_raw(task, pool, count, purpose)]
 
     def _reassign_scorer(self, task_index: int, ctx):
         """What reassignment minimises for the task, as a function of its answerer (`reassign_by`), on its
@@ -485,22 +477,18 @@ class MoECL(LocatorHooks, Method):
             out["answerer"] = self.answerers()
             out["reassign_scores"] = dict(self.reassign_scores)
             out["reassign_s"] = self.reassign_s
-        if self.options.warm_start_examples:
-            out["warm_start"] = dict(self.warm_starts)
-            out["warm_start_losses"] = dict(self.warm_start_losses)
         return out
 
     def answerers(self) -> dict[str, str]:
         names = [t.name for t in self.tasks]
         return {names[t]: self._answer_name(tuple(a.tolist()), names) for t, a in enumerate(self.answerer)
-                if t < len(self.container.gates[0])}
+                if t < self.tasks_with_experts}
 
     def extra_metrics(self):
-        out = {"mixing": self.options.mixing, "memory_per_task": self.options.memory_per_task,
+        out = {"variant": self.options.variant, "mixing": self.options.mixing, "gate": self.options.gate,
+               "gate_input": self.options.gate_input, "memory_per_task": self.options.memory_per_task,
                "adversarial_weight": self.options.adversarial_weight}
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
             out["reassign_by"] = self.options.reassign_by
-        if self.options.warm_start_examples:
-            out["warm_start"] = dict(self.warm_starts)
         return out

@@ -38,6 +38,12 @@ def build_options(cls, options: dict, source: str = "config", section: str = "me
     if not isinstance(options, dict):
         raise ConfigError(f"{source}: {section}: expected a mapping of options, got {options!r}")
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    variants = getattr(cls.Options, "VARIANTS", {})
+    if "variant" in fields and options.get("variant") is not None:
+        if options["variant"] not in variants:
+            raise ConfigError(f"{source}: {section}.variant: unknown variant {str(options['variant'])[:80]!r} for "
+                              f"{cls.name} (known: {', '.join(variants)})")
+        options = {**variants[options["variant"]], **options}  # options given beside the variant win
     for key in options:
         if key not in fields:
             raise ConfigError(f"{source}: {section}.{key!s}: unknown option for {cls.name} "
