@@ -138,3 +138,30 @@ def test_general_weight_scales_the_general_part_and_must_be_positive(tmp_path, t
     assert first_steps[0.25]["general_ce"] == pytest.approx(0.25 * first_steps[1.0]["general_ce"], rel=1e-4)
     with pytest.raises(ConfigError, match=r"general_weight"):
         build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"gere": {"general_weight": 0}}}))
+
+
+def test_defaults_are_the_reference_average_of_the_two_ces_and_proportional_mixing(tmp_path, tiny_config):
+    """The reference (w_strategy 'dy'): loss = (task CE + general CE) / 2 + w * TM, w = that average / TM; the
+    general texts are spread over the stage so that all of them pass once per stage."""
+    texts = general_file(tmp_path, n=12)
+    raw = tiny_config(tmp_path, "seq_lora", method={"addons": {"gere": {"texts": str(texts), "max_tokens": 32}}},
+                      train={"log_every": 1})
+    record = run(build_config(raw))
+    steps_per_stage = record["stages"][-1]["train"]["steps"]  # the figure is the last stage's
+    assert record["method_metrics"]["gere_per_step"] == -(-12 // steps_per_stage)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    violated = [r for r in logged if r["general_tm"] > 0]  # the first step runs the base model: nothing violated
+    assert violated
+    for r in logged:
+        average = (r["task_loss"] + 2 * r["general_ce"]) / 2  # general_ce is logged halved
+        assert r["task_ce_halved"] == pytest.approx(-0.5 * r["task_loss"], rel=1e-5)
+        assert r["loss"] == pytest.approx(average + r["general_tm"], rel=1e-4)
+    for r in violated:
+        assert r["general_tm"] == pytest.approx((r["task_loss"] + 2 * r["general_ce"]) / 2, rel=1e-4)
+    summed = tiny_config(tmp_path / "sum", "seq_lora", method={"addons": {"gere": {
+        "texts": str(texts), "max_tokens": 32, "balance": "sum", "mixing": "per_batch"}}}, train={"log_every": 1})
+    run(build_config(summed))
+    logged = [json.loads(x) for x in (tmp_path / "sum" / "run" / "steps.jsonl").read_text().splitlines()]
+    assert all("task_ce_halved" not in r for r in logged)
+    assert all(r["general_tm"] == pytest.approx(r["task_loss"] + r["general_ce"], rel=1e-4)
+               for r in logged if r["general_tm"] > 0)

@@ -29,7 +29,7 @@ from torch import nn
 
 from evolora.methods.base import Method
 from evolora.methods.experts import ExpertModel
-from evolora.methods.locator import LocatorHooks, LocatorOptions
+from evolora.methods.locator import Kind, LocatorHooks, LocatorOptions
 from evolora.methods.registry import register
 
 PLAN_FILE = "cmoe_plan.json"
@@ -37,6 +37,8 @@ PLAN_FILE = "cmoe_plan.json"
 
 @dataclass
 class CMoEOptions(LocatorOptions):
+    locator: Kind = "vae"
+    """The paper's task locator is a per-task VAE (its reconstruction error scores a task); gaussian = PPCA."""
     top_k: int = 2
     expand_alpha: float = 0.5
     """A layer expands when its probe frequency > mean - expand_alpha * std over layers."""

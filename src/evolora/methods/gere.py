@@ -9,10 +9,15 @@ LM cross-entropy plus w * TM, where TM penalises hidden states that leave their 
     positive: relu(tau+ - h)     negative: relu(h - tau-)     neutral: relu(h - tau+) + relu(tau- - h)
 averaged over the violated entries. w is fixed or dynamic (w = CE / TM, detached, so both weigh alike).
 
+With no options this is the reference code's form (Qznan/GeRe, `w_strategy='dy'`, the setting its README reports):
+the step's loss is the average of the task CE and the general CE, plus w * TM with w = that average / TM;
+the general texts are mixed in proportion to the stage's data (all of them once per stage, where the
+reference concatenates them into the stage's dataset). docs/methods/gere.md lists every difference.
+
 Ablations on the same plumbing (`loss`): `ce` (plain replay), `kl` (KL to the base model's logits,
 with temperature, from a frozen copy of the base model), `l1` / `l2` (distance to the stored bf16 hidden
-states). The task loss and the general CE are summed rather than averaged: under Adam only their
-relative weight matters, 1:1 as in the paper unless `general_weight` scales the whole general part down."""
+states). `balance: sum` adds the general CE to the task CE instead of averaging the two (under gradient
+clipping the two are not equivalent); `general_weight` scales the whole general part."""
 
 from __future__ import annotations
 
@@ -42,8 +47,10 @@ class GeReOptions:
     max_tokens: int = 128
     per_batch: int = 2
     """General texts run with every training step (mixing `per_batch`)."""
-    mixing: Literal["per_batch", "proportional"] = "per_batch"
+    mixing: Literal["proportional", "per_batch"] = "proportional"
     """`proportional`: as many per step as it takes to pass over all general texts once per stage."""
+    balance: Literal["average", "sum"] = "average"
+    """average: (task CE + general CE) / 2, as the reference; sum: task CE + general CE."""
     loss: Literal["tm", "ce", "kl", "l1", "l2"] = "tm"
     k: float = 1.0
     """Threshold width in standard deviations."""
@@ -236,7 +243,12 @@ class GeRe(AddOn):
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         logits = out.logits[:, :-1].float()
         general_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        terms = {"general_ce": opts.general_weight * general_ce}
+        # the engine adds the terms to the task CE; `average` halves both CEs (the task's through a negative term)
+        half = opts.balance == "average"
+        terms = {"general_ce": opts.general_weight * general_ce * (0.5 if half else 1.0)}
+        if half:
+            terms["task_ce_halved"] = -0.5 * step.task_loss
+        ce = (step.task_loss + general_ce) * (0.5 if half else 1.0)
         if opts.loss == "ce":
             return terms
         if opts.loss == "kl":
@@ -258,8 +270,7 @@ class GeRe(AddOn):
         if opts.weight is not None:
             weight = opts.weight
         else:
-            weight = ((step.task_loss + general_ce).detach() / extra.detach().clamp(min=1e-8)
-                      if extra.item() > 0 else 0.0)
+            weight = ce.detach() / extra.detach().clamp(min=1e-8) if extra.item() > 0 else 0.0
         terms[f"general_{opts.loss}"] = opts.general_weight * weight * extra
         return terms
 

@@ -1,0 +1,46 @@
+"""docs/methods/<method>.md states each design choice's default; the code must have that default, so the table
+cannot drift from the code silently."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods"
+
+
+def documented_defaults(name: str) -> dict:
+    """Every `option: value` in the "evolora default" column of the doc's design table."""
+    lines = (DOCS / f"{name}.md").read_text(encoding="utf-8").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| choice |"))
+    column = [c.strip() for c in lines[header].strip("|").split("|")].index("evolora default")
+    found = {}
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        cell = [c.strip() for c in line.strip().strip("|").split("|")][column]
+        for key, value in re.findall(r"`([a-z_]+): ([^`]+)`", cell):
+            found[key] = yaml.safe_load(value)
+    return found
+
+
+def code_defaults(name: str) -> dict:
+    from evolora.methods.registry import ADDONS, method_class
+
+    cls = ADDONS[name] if name == "gere" else method_class(name)
+    options = cls.Options()
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+@pytest.mark.parametrize("name, at_least", [("moe_cl", 12), ("gere", 6), ("cmoe", 5)])
+def test_documented_defaults_are_the_codes(name, at_least):
+    from evolora.methods.registry import _load_all
+
+    _load_all()
+    documented, code = documented_defaults(name), code_defaults(name)
+    assert len(documented) >= at_least
+    for key, value in documented.items():
+        assert key in code, f"docs/methods/{name}.md names `{key}`, which {name} does not have"
+        assert code[key] == value, f"docs/methods/{name}.md: `{key}: {value}` but the code's default is {code[key]!r}"
