@@ -104,7 +104,7 @@ class ExpertLinear(nn.Module):
         if routing.weights is None or self.num_experts == 0:
             return out
         w = routing.scaled_weights(x.dtype, self.scaling)
-        if record := routing.record == self.name:
+        if routing.record == self.name:
             # the shared expert's (expert 0) ungated delta, on a detached input: what a discriminator reads
             # reaches the shared expert's factors here and nothing that computed the input (no gate)
             x0 = x.detach()
