@@ -494,3 +494,33 @@ def test_reassignment_leaves_training_unchanged(tmp_path, tiny_config):
         losses, stages = step_losses(name, **options)
         assert stages[-1]["train"]["method"]["reassign_scores"]  # reassignment ran
         assert losses == off
+
+
+def test_the_reference_double_softmax_is_an_option_and_bounds_the_term(tmp_path, tiny_config):
+    """CE of softmax probabilities stays within log(K) ± 1 whatever the discriminator says; CE of logits does not."""
+    import math
+
+    from evolora.methods.base import StepInputs
+
+    worst = {}
+    for loss in ("logits", "probs"):
+        ctx, method = moe_context(tmp_path / loss, tiny_config, discriminator_loss=loss, memory_per_task=0)
+        method.grow(0, ctx)
+        method.grow(1, ctx)
+        for d in method.container.discriminators.values():
+            torch.nn.init.normal_(d[0].weight, std=50.0)  # a confident discriminator
+        for layer in range(len(method.experts.layers)):
+            for p in method.experts.expert_parameters(layer, 0):
+                torch.nn.init.normal_(p, std=0.5)
+        batch = collate_train(ctx.encode_train(1)[:4], ctx.tokenizer.pad_token_id).to(ctx.device)
+        ctx.model.train()
+        values = []
+        for label in range(len(ctx.tasks)):  # the label it is most confidently wrong about gives the largest CE
+            with torch.no_grad(), method.batch_route(torch.ones_like(batch.task_ids)):
+                out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids)
+                batch.task_ids[:] = label
+                values.append(method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model),
+                                                ctx)["adversarial"].item())
+        worst[loss] = max(values)
+    assert worst["probs"] <= math.log(len(ctx.tasks)) + 1.0 < worst["logits"]

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evolora import atomic
-from evolora.config import build_config, load_yaml
+from evolora.config import build_config, check_name, load_yaml
 from evolora.errors import ConfigError
 
 
@@ -39,8 +39,22 @@ class Suite(BaseModel):
     base: str
     """The run config every run starts from (relative to the suite file)."""
     results: str = "results"
+    """The results folder, relative to the suite file and inside its folder."""
     runs_dir: str = "runs/bench"
+    """Where the runs' folders go (any path: a run folder is replaced only when evolora marked it)."""
     runs: list[SuiteRun]
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_name(value, "name")
+
+    @field_validator("results")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"results: {value[:80]!r} must be a folder inside the suite file's folder (relative, no ..)")
+        return value
 
 
 def load_suite(path: Path) -> Suite:
@@ -50,14 +64,15 @@ def load_suite(path: Path) -> Suite:
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {field}: {first['msg']}") from None
+        raise ConfigError(f"{path}: {field}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def file_stem(label: str) -> str:
     """A label as a file name: `moe_cl/ffn` -> `moe_cl_ffn`."""
     import re
 
-    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", label)
+    stem = re.sub(r"[^A-Za-z0-9_.+=-]", "_", label)
+    return re.sub(r"^\.", "_", stem) or "_"  # never `.`, `..` or a hidden name: it also names the run's folder
 
 
 def result_path(suite_path: Path, suite: Suite, run: SuiteRun, order: Optional[int] = None) -> Path:

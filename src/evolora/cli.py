@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Continual instruction tuning of LLMs.")
 
 SET_HELP = "Override a config field, e.g. --set train.lr=2e-4 (repeatable)."
+TRUST_HELP = "Run the model's own code (model.trust_remote_code) even though the run folder came from elsewhere."
+PICKLE_HELP = "Load pickle (*.bin) weights, which can run code; a run folder's config cannot turn this on."
 
 
 def _echo(message: str) -> None:
@@ -63,13 +65,15 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE over the run's config; "
                                                    "method.options.locator* refits the task locator, "
                                                    "method.options.reassign* (moe_cl) reassigns experts."),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+          allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
           ) -> None:
     """Re-evaluate a finished run's final model on every task of its stream."""
     from evolora.reload import evaluate_run
 
     overrides = ([f"eval.mode={mode}"] if mode else []) + ([f"eval.task_id={task_id}"] if task_id else []) \
         + list(set_ or [])
-    result = evaluate_run(run_dir, overrides)
+    result = evaluate_run(run_dir, overrides, trust_remote_code, allow_pickle)
     located = result.get("locator_per_task", {})
     for name, acc in result["accuracy"].items():
         _echo(f"{name:>24}  {acc:6.1f}" + (f"   located {located[name]:5.1f} %" if name in located else ""))
@@ -89,6 +93,8 @@ def predict(run_dir: Path = typer.Argument(..., help="A finished run folder."),
                                                 "`instruction`), or a text file with one input per line."),
             task: Optional[str] = typer.Option(None, "--task", help="Answer as this task (default: locate it)."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+            trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+            allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
             ) -> None:
     """Answer new inputs with a finished run's model; expert methods locate the task themselves."""
     import json
@@ -100,7 +106,7 @@ def predict(run_dir: Path = typer.Argument(..., help="A finished run folder."),
     examples = [Example(t, "") for t in text or []] + (read_inputs(file) if file else [])
     if not examples:
         raise EvoloraError("predict: give inputs with --text or --file")
-    for row in predict_inputs(run_dir, examples, task):
+    for row in predict_inputs(run_dir, examples, task, trust_remote_code, allow_pickle):
         _echo(json.dumps(row, ensure_ascii=False) if as_json else f"[{row['task']}] {row['answer']}\t{row['input'][:80]}")
 
 
@@ -189,6 +195,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a path the user named: unwritable, read-only, a file where a folder goes, disk full
+        from evolora.errors import EvoloraError as Line
+
+        where = exc.filename or "a file"
+        typer.echo("error: " + str(Line(f"{where}: {exc.strerror or type(exc).__name__}")), err=True)
+        sys.exit(2)
+    except RecursionError:
+        typer.echo("error: an input is nested too deeply", err=True)
+        sys.exit(2)
     except typer.Exit as exc:
         sys.exit(getattr(exc, "exit_code", 0))
     except typer.Abort:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, shown
+
+
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}$")
+
+
+def check_name(value: str, field: str) -> str:
+    """A name that becomes one path component: letters, digits and `_ . + = -`, not starting with a dot."""
+    if not isinstance(value, str) or not PLAIN_NAME.match(value) or ".." in value:
+        raise ValueError(f"{field}: {str(value)[:80]!r} is not a plain name (letters, digits, _ . + = -; it "
+                         "becomes a folder name and may not hold a path)")
+    return value
 
 
 class _Strict(BaseModel):
@@ -68,7 +80,7 @@ class DataConfig(_Strict):
     test_per_label: Optional[int] = Field(default=None, ge=1)
     dev_per_label: int = Field(default=0, ge=0)
     max_input_tokens: int = Field(default=256, ge=8)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
     def _check_stream(self):
@@ -91,7 +103,7 @@ class MethodConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: float = Field(default=1.0, gt=0)
+    epochs: float = Field(default=1.0, gt=0, le=1000)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     lr: float = Field(default=2e-4, gt=0)
@@ -101,7 +113,7 @@ class TrainConfig(_Strict):
     max_grad_norm: Optional[float] = Field(default=1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: autocast to the model's dtype when it is bf16/fp16 (trainable weights are kept in fp32)."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     log_every: int = Field(default=10, ge=1)
     checkpoint_every: int = Field(default=100, ge=0)
     """Save the mid-stage step state (trainable weights, optimizer, scheduler, RNG) every N optimizer
@@ -140,12 +152,18 @@ class OutputConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = "run"
+    """A plain name (it names the default run folder runs/<name>)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_name(value, "name")
 
     def run_dir(self) -> Path:
         return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
@@ -158,19 +176,21 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     got = first.get("input")
-    shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+    value = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {shown(got)})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"{source}: {field}: {msg}{shown}{more}"
+    return f"{source}: {field[:120]}: {msg[:200]}{value}{more}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+        raise ConfigError(f"--set {shown(text)}: expected KEY=VALUE, e.g. train.lr=2e-4")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key[:80]}: value nested too deeply") from None
     return key.strip().split("."), value
 
 
@@ -183,10 +203,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item}: {key} is not a section")
+                raise ConfigError(f"--set {shown(item)}: {key[:80]} is not a section")
             node = child
         node[path[-1]] = value
     return raw
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base constructor reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key, 60)}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -194,14 +232,18 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+        raise ConfigError(f"{where}: invalid YAML ({problem[:200]})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -215,6 +257,8 @@ def build_config(raw: dict, overrides: list[str] = (), source: str = "config") -
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
     from evolora.methods import validate_method_options
 
     validate_method_options(config.method, source)

@@ -8,7 +8,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,10 @@ from evolora.methods import Method, StepInputs, build_method
 from evolora.metrics import compute_metrics
 from evolora.models import bf16_emulation_note, bf16_products, load_model
 from evolora.report import predictions_path
-from evolora.state import (LOCK, RunLock, clear_step_state, guarded_write, load_tensors, read_progress,
-                           read_step_state, restore_step_state, save_step_state, save_tensors, write_progress)
+from evolora import runfolder
+from evolora.runfolder import RunLock
+from evolora.state import (clear_step_state, guarded_write, load_tensors, read_progress, read_step_state,
+                           restore_step_state, save_step_state, save_tensors, write_progress)
 
 
 @dataclass
@@ -119,13 +120,13 @@ def count_parameters(model: torch.nn.Module, method: Method) -> dict[str, int]:
 
 class StepLog:
     def __init__(self, run_dir: Optional[Path], tensorboard: bool):
-        self.path = run_dir / "steps.jsonl" if run_dir else None
+        self.path = run_dir / runfolder.STEPS if run_dir else None
         self.writer = None
         if run_dir and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(run_dir / runfolder.TENSORBOARD))
             except ImportError:
                 pass
 
@@ -460,7 +461,7 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
 # --- checkpoints -------------------------------------------------------------------------------------
 
 def checkpoint_path(run_dir: Path, stage: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"stage-{stage + 1:02d}.safetensors"
+    return Path(run_dir) / runfolder.CHECKPOINTS / f"stage-{stage + 1:02d}.safetensors"
 
 
 def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> str:
@@ -488,26 +489,16 @@ def load_checkpoint(ctx: RunContext, method: Method, path: Path, sha256: Optiona
         state = {k: v for k, v in state.items() if not k.startswith(skip_module + ".")}
     try:
         method.load_checkpoint_state(ctx.model, state)
-    except KeyError as exc:
-        raise EvoloraError(f"{path}: does not match the model of this run ({exc.args[0]})") from None
+    except (KeyError, RuntimeError) as exc:  # other tensors, or other shapes (a config edited after the run)
+        raise EvoloraError(f"{path}: does not match the model of this run's config ({exc.args[0]})") from None
 
 
 # --- the run -----------------------------------------------------------------------------------------
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Called with the run folder's lock held: refuses a used folder unless overwrite is set."""
-    existing = [p for p in run_dir.iterdir() if p.name != LOCK]
-    if existing and not overwrite:
-        raise EvoloraError(f"{run_dir}: run folder exists and is not empty; choose another output.dir, set "
-                           "output.overwrite=true, or continue it with --resume")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
 def check_resume_config(config: RunConfig, run_dir: Path) -> None:
     from evolora.config import load_config
 
-    saved = load_config(run_dir / "config.yaml")
+    saved = load_config(run_dir / runfolder.CONFIG)
 
     def flat(obj, prefix=""):
         if isinstance(obj, dict):
@@ -547,27 +538,51 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     is_main = dist.is_main_process
     say = log if is_main else (lambda _: None)
     run_dir = Path(run_dir) if run_dir else config.run_dir()
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise EvoloraError(f"{run_dir}: nothing to resume (no config.yaml)")
+    if resume and not (run_dir / runfolder.CONFIG).is_file():
+        raise EvoloraError(f"{run_dir}: nothing to resume (no {runfolder.CONFIG})")
+    created = not run_dir.exists()
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            runfolder.check_replaceable(run_dir, config.output.overwrite)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvoloraError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
+    try:
+        return _run_in_folder(config, run_dir, say, resume, is_main, dist)
+    except BaseException:
+        if is_main and created and not runfolder.is_marked(run_dir):  # failed before it began: leave no trace
+            (run_dir / runfolder.LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+
+
+def _run_in_folder(config: RunConfig, run_dir: Path, say, resume: bool, is_main: bool, dist) -> dict:
     dist.wait_for_everyone()
     with RunLock(run_dir) if is_main else contextlib.nullcontext():
         if resume:
             check_resume_config(config, run_dir)
             progress = read_progress(run_dir) or {}
         else:
-            if is_main:
-                prepare_run_dir(run_dir, config.output.overwrite)
-                guarded_write(run_dir / "config.yaml",
-                              lambda: atomic.write_text(run_dir / "config.yaml", dump_config(config)))
+            if is_main:  # again under the lock; the folder is cleared only once the stream and model have loaded
+                runfolder.check_replaceable(run_dir, config.output.overwrite)
             progress = {}
         dist.wait_for_everyone()
         with bf16_products(config.model):
-            return _run_locked(config, run_dir, say, progress, is_main)
+            return _run_locked(config, run_dir, say, progress, is_main, fresh=not resume)
 
 
-def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: bool) -> dict:
+def _start_fresh(config: RunConfig, run_dir: Path) -> None:
+    """A new run's folder: what an earlier run wrote there goes (the folder was checked to hold only that),
+    then the marker and the config. Called once the stream, model and method have been built."""
+    runfolder.clear(run_dir)
+    runfolder.mark(run_dir, config.name)
+    path = run_dir / runfolder.CONFIG
+    guarded_write(path, lambda: atomic.write_text(path, dump_config(config)))
+
+
+def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: bool, fresh: bool = False) -> dict:
     started = time.perf_counter()
     timings: dict[str, Any] = dict(progress.get("timings", {}))
     zero_shot = progress.get("zero_shot")
@@ -591,6 +606,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             log(f"general-text perplexity of the base model: {general_ppl[0]:.2f}")
 
     ctx, method = build_context(config, run_dir, log, before_setup=evaluate_zero_shot)
+    if fresh:
+        if is_main:
+            _start_fresh(config, run_dir)
+        ctx.accelerator.wait_for_everyone()
     names = [t.name for t in ctx.tasks]
     R: list[list[Optional[float]]] = list(progress.get("R", []))
     stage_records: list[dict] = list(progress.get("stages", []))
@@ -627,7 +646,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "locate": locate_record,
                                      "R": R, "stages": stage_records, "trained": trained,
                                      "checkpoints": checksums, "global_step": global_step, "timings": timings})
-            guarded_write(run_dir / "metrics.json", lambda: atomic.write_json(run_dir / "metrics.json", record))
+            guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
         return record
 
     continual = all(len(s) == 1 for s in ctx.stages)

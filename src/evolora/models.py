@@ -199,8 +199,9 @@ def load_model(config: ModelConfig):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
                                                          use_safetensors=None if config.allow_pickle else True,
                                                          trust_remote_code=config.trust_remote_code)
-        except OSError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except (OSError, ValueError, KeyError, ImportError, TypeError) as exc:
+            # a missing or bad folder, a bad config.json, remote code with trust off, an unknown architecture
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EvoloraError(f"model.name: cannot load {source!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -19,13 +19,21 @@ from evolora.report import predictions_path
 from evolora.state import read_progress
 
 
-def load_run(run_dir: Path, overrides: list[str] = ()):
-    """The finished run's model. Overrides of `method.options.locator*` refit the task locator with the new
-    options: its features come from the frozen base model and each task's train inputs, so a refit after
+def trusted(overrides: list[str] = (), trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
+    """A received run folder's config.yaml never turns on code execution: remote model code and pickle weights
+    are off unless the caller turns them on (its flags, or its own overrides, which come after)."""
+    return [f"model.trust_remote_code={str(trust_remote_code).lower()}",
+            f"model.allow_pickle={str(allow_pickle).lower()}", *overrides]
+
+
+def load_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The finished run's model (run_dir's config with `overrides`; remote code and pickle weights only as the
+    arguments say, never as the folder's config.yaml says). Overrides of `method.options.locator*` refit the
+    task locator with the new options: its features come from the frozen base model and each task's train inputs, so a refit after
     the run gives what fitting during the run would have. Overrides of `method.options.reassign*` (moe_cl)
     choose every task's answering expert anew among all experts."""
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml", overrides)
+    config = load_config(run_dir / "config.yaml", trusted(overrides, trust_remote_code, allow_pickle))
     ctx, method = build_context(config, run_dir, log=lambda _: None)
     progress = read_progress(run_dir) or {}
     if len(progress.get("R", [])) != len(ctx.stages):
@@ -52,13 +60,14 @@ def run_precision(run_dir: Path, overrides: list[str] = ()):
     return bf16_products(load_config(Path(run_dir) / "config.yaml", overrides).model)
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
+def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> dict:
     with run_precision(run_dir, overrides):
-        return _evaluate_run(run_dir, overrides)
+        return _evaluate_run(run_dir, overrides, trust_remote_code, allow_pickle)
 
 
-def _evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
-    ctx, method = load_run(run_dir, overrides)
+def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, allow_pickle: bool) -> dict:
+    ctx, method = load_run(run_dir, overrides, trust_remote_code, allow_pickle)
     label = f"eval-{ctx.config.eval.task_id}"
     path = predictions_path(run_dir, label) if ctx.config.eval.save_predictions else None
     if ctx.config.eval.task_id == "locate":
@@ -103,20 +112,22 @@ def read_inputs(path: Path) -> list[Example]:
 
 
 @torch.no_grad()
-def predict(run_dir: Path, examples: list[Example], task: Optional[str] = None) -> list[dict]:
+def predict(run_dir: Path, examples: list[Example], task: Optional[str] = None, trust_remote_code: bool = False,
+            allow_pickle: bool = False) -> list[dict]:
     """Answers for new inputs. With `task` the named task's experts answer (oracle); without, the run's
     task locator picks the task: every input is framed as each task would frame it (its instruction
     unless the input brings one, its answer options), scored by that task's density model, and the task
     with the lowest z-score answers."""
     with run_precision(run_dir):
-        return _predict(run_dir, examples, task)
+        return _predict(run_dir, examples, task, trust_remote_code, allow_pickle)
 
 
-def _predict(run_dir: Path, examples: list[Example], task: Optional[str]) -> list[dict]:
+def _predict(run_dir: Path, examples: list[Example], task: Optional[str], trust_remote_code: bool,
+             allow_pickle: bool) -> list[dict]:
     from evolora.data.tasks import Task
     from evolora.evaluation import evaluate_task
 
-    ctx, method = load_run(run_dir)
+    ctx, method = load_run(run_dir, (), trust_remote_code, allow_pickle)
     names = [t.name for t in ctx.tasks]
     if task is not None:
         if task not in names:

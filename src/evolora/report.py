@@ -7,23 +7,24 @@ import html
 import json
 from pathlib import Path
 
-from evolora import atomic
+from evolora import atomic, runfolder
 from evolora.errors import EvoloraError
 
 
 def read_metrics(run_dir: Path) -> dict:
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / runfolder.METRICS
     if not path.is_file():
         raise EvoloraError(f"{path}: not found (is {run_dir} an evolora run folder?)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvoloraError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    metrics = runfolder.read_json(path, "metrics record")
+    for key, shape in (("R", list), ("stream", dict), ("method", str), ("timings", dict)):
+        if not isinstance(metrics.get(key), shape):
+            raise EvoloraError(f"{path}: metrics record has no {key!r} {shape.__name__} (not an evolora metrics.json)")
+    return metrics
 
 
 def predictions_path(run_dir: Path, label: str) -> Path:
     """Where a run folder keeps the predictions of one evaluation (`stage-NN`, `final-located`, `eval-...`)."""
-    return Path(run_dir) / "predictions" / f"{label}.jsonl"
+    return Path(run_dir) / runfolder.PREDICTIONS / f"{label}.jsonl"
 
 
 def read_final_predictions(run_dir: Path, metrics: dict) -> dict[str, list[bool]] | None:

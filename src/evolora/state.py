@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
-import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -17,9 +15,8 @@ import torch
 
 from evolora import atomic
 from evolora.errors import EvoloraError
+from evolora.runfolder import PROGRESS, STATE, read_json
 
-LOCK = ".lock"
-PROGRESS = "progress.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -28,55 +25,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class RunLock:
-    """An exclusive lock on a run folder: a second run into it gets a clear error. A lock left by a
-    process that no longer exists (a crash, SIGKILL) is taken over."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self.held = False
-
-    def __enter__(self) -> "RunLock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and _alive(owner):
-                    raise EvoloraError(f"{self.path.parent}: run folder is in use by process {owner} "
-                                       f"(remove {self.path} if that is wrong)") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self.held = True
-            return self
-        raise EvoloraError(f"{self.path}: cannot take the run-folder lock")
-
-    def _owner(self) -> Optional[int]:
-        try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def guarded_write(what: Path, write) -> None:
@@ -112,10 +60,7 @@ def read_progress(run_dir: Path) -> Optional[dict]:
     path = Path(run_dir) / PROGRESS
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EvoloraError(f"{path}: progress record is corrupt") from None
+    return read_json(path, "progress record")
 
 
 def write_progress(run_dir: Path, progress: dict) -> None:
@@ -126,7 +71,7 @@ def write_progress(run_dir: Path, progress: dict) -> None:
 # --- mid-stage step state ----------------------------------------------------------------------------
 
 def step_state_paths(run_dir: Path) -> tuple[Path, Path]:
-    return Path(run_dir) / "state" / "step.safetensors", Path(run_dir) / "state" / "step.json"
+    return Path(run_dir) / STATE / "step.safetensors", Path(run_dir) / STATE / "step.json"
 
 
 def save_step_state(run_dir: Path, stage: int, step: int, model: torch.nn.Module, optimizer, scheduler,
@@ -157,10 +102,7 @@ def read_step_state(run_dir: Path) -> Optional[dict]:
     _, json_path = step_state_paths(run_dir)
     if not json_path.is_file():
         return None
-    try:
-        return json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EvoloraError(f"{json_path}: step state is corrupt") from None
+    return read_json(json_path, "step state")
 
 
 def restore_step_state(run_dir: Path, record: dict, model: torch.nn.Module, optimizer, scheduler) -> None:

@@ -56,18 +56,24 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, object]]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{_line_of(text, pos)}: JSON nested too deeply") from None
         yield _line_of(text, pos), value
         pos, expect_value = end, False
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    """(line, value) of every non-empty line. Lines end at `\n` only: JSON strings may hold U+2028, U+0085
+    and other characters that str.splitlines() would split at."""
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
 
 
 def _string_field(path: Path, line: int, row: object, key: str, required: bool = True) -> Optional[str]:

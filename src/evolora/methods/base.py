@@ -126,13 +126,22 @@ class LoraOptions:
             raise ValueError("target_modules must name at least one module")
 
 
-def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+def check_target_modules(model: torch.nn.Module, targets: list[str], linear_only: bool = False) -> None:
+    """Every target names modules of the model that LoRA can adapt (linear layers; PEFT also takes embeddings
+    and convolutions, expert layers only linear ones): anything else is a one-line config error."""
     from evolora.errors import ConfigError
 
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    unknown = [t for t in targets if t not in leaf_names]
-    if unknown:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"method.options.target_modules: {unknown[0]!r} is not a module of this model "
-                          f"(linear modules: {', '.join(linear)})")
+    kinds: tuple = (torch.nn.Linear,) if linear_only else \
+        (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    by_leaf: dict[str, list[torch.nn.Module]] = {}
+    for name, module in model.named_modules():
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+    linear = sorted(leaf for leaf, modules in by_leaf.items() if any(isinstance(m, torch.nn.Linear) for m in modules))
+    for target in targets:
+        if target not in by_leaf:
+            raise ConfigError(f"method.options.target_modules: {str(target)[:60]!r} is not a module of this model "
+                              f"(linear modules: {', '.join(linear)})")
+        if not all(isinstance(m, kinds) or type(m).__name__ == "Conv1D" and not linear_only for m in by_leaf[target]):
+            kind = type(by_leaf[target][0]).__name__
+            raise ConfigError(f"method.options.target_modules: {str(target)[:60]!r} is a {kind}, which LoRA cannot "
+                              f"adapt here (linear modules: {', '.join(linear)})")

@@ -186,7 +186,7 @@ class ExpertModel:
         dropout from the options); a target the model does not have is a one-line config error."""
         from evolora.methods.base import check_target_modules
 
-        check_target_modules(model, options.target_modules)
+        check_target_modules(model, options.target_modules, linear_only=True)
         model.requires_grad_(False)
         return cls(model, list(options.target_modules), options.r, options.alpha, weights_fn, gate_input,
                    options.dropout)

@@ -76,6 +76,9 @@ class MoECLOptions(LocatorOptions):
     """0: one bias-free linear per layer (the reference); N: an MLP with N hidden units."""
     discriminator_classes: Literal["all", "seen"] = "all"
     """The discriminator's softmax over all tasks of the stream, or over the tasks seen so far."""
+    discriminator_loss: Literal["logits", "probs"] = "logits"
+    """Cross-entropy on the logits; `probs` applies it to softmax probabilities as the reference code does (a
+    double softmax: a bounded, weak adversarial term)."""
     memory_per_task: int = 0
     """Prompts of each earlier task kept for the adversarial term; 0 = only the current task (reference)."""
     shared_snapshots: bool = False
@@ -361,6 +364,8 @@ class MoECL(LocatorHooks, Method):
             logits = logits[..., :seen]  # [L, B, classes]
         self.disc_correct = self.disc_correct + (logits[-1].argmax(-1) == labels).sum()  # read at the stage's end
         self.disc_total += len(labels)
+        if self.options.discriminator_loss == "probs":  # the reference code's double softmax, kept on request
+            logits = torch.softmax(logits, -1)
         # the mean over layers of each layer's cross-entropy
         return {"adversarial": F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(discriminators)))}
 
