@@ -239,17 +239,22 @@ def results_markdown(result_files: list[Path]) -> str:
              "the machine the Runs list names for it (a GPU row's minutes are not comparable with a CPU row's).", ""]
     header = "| " + " | ".join(COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows, notes = [], []
+    body, notes = [], []
     for suite, runs in by_suite.items():
+        body += ["", f"## {suite}", ""]
+        note = next((m["bench"]["note"] for m in runs if m.get("bench", {}).get("note")), None)
+        if note:
+            body += [f"Every row here was {note}.", ""]
+        body += [header, rule]
         for group in _aggregate(runs):
-            rows += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
+            body += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
         for metrics in runs:
             b = metrics.get("bench", {})
             stream = metrics["stream"]
             notes.append(f"- `{b.get('label', metrics['method'])}` ({suite}): {stream['name']} order {stream['order']}"
                          f" ({' → '.join(stream['tasks'])}), model {metrics['model']}; {b.get('date', '')} on "
                          f"{b.get('machine', '')}; `{b.get('command', '')}`")
-    return "\n".join(lines + [header, rule] + rows + ["", "Runs:", ""] + notes) + "\n"
+    return "\n".join(lines + body + ["", "Runs:", ""] + notes) + "\n"
 
 
 def write_results(result_files: list[Path], out: Path) -> Path:
