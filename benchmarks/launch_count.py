@@ -82,7 +82,7 @@ def method_step_count(model_name: str, method_name: str, batch: int, stage: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
-    parser.add_argument("--methods", nargs="+", default=["seq_lora", "moe_cl", "moe_cl:mixing=ffn", "cmoe"])
+    parser.add_argument("--methods", nargs="+", default=["seq_lora", "moe_cl", "moe_cl:variant=evolora", "cmoe"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--stage", type=int, default=2)
     args = parser.parse_args()

@@ -6,8 +6,8 @@ allocated for each method's run).
     python benchmarks/speed.py [--models tiny-llama smollm2-135m] [--methods seq_lora replay ...] [--steps 6]
                                [--stage 2]    (e.g. --stage 15: the last task of a 15-task stream)
 
-A method is named as in the results table, with options after a colon: `moe_cl`, `moe_cl:mixing=ffn`,
-`seq_lora+gere`, `seq_lora+gere:memory_per_task=0` (options go to the method; GeRe reads the general texts
+A method is named as in the results table, with options after a colon: `moe_cl`, `moe_cl:variant=evolora`,
+`seq_lora+gere`, `moe_cl+gere:variant=evolora` (options go to the method; GeRe reads the general texts
 of ../shared/data/general when they are there).
 """
 
@@ -31,7 +31,7 @@ from evolora.methods.base import LoraOptions
 from evolora.methods.seq_lora import add_lora
 from evolora.models import Bf16ProductsInFp32, cpu_has_fast_bf16, emulates_bf16, resolve_device, resolve_dtype
 
-METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora", "moe_cl", "moe_cl:mixing=ffn",
+METHODS = ["seq_lora", "seq_ft", "replay", "ewc", "lwf", "olora", "per_task_lora", "moe_cl", "moe_cl:variant=evolora",
            "cmoe", "seq_lora+gere", "seq_ft+gere"]
 GENERAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "general" / "replay_1000.jsonl"
 DBPEDIA_LABELS = ["Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean of Transportation",

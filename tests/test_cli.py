@@ -73,3 +73,22 @@ def test_errors_are_one_line_without_traceback(tmp_path, tiny_config):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_version_and_the_choices_in_help():
+    import re
+
+    from typer.testing import CliRunner
+
+    from evolora import __version__
+    from evolora.cli import app
+    from evolora.methods.registry import METHODS, _load_all
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"evolora {__version__}"
+    text = re.sub(r"[\s│]+", " ", runner.invoke(app, ["demo", "--help"], terminal_width=200).output)
+    _load_all()
+    assert all(name in text for name in METHODS)
+    text = re.sub(r"[\s│]+", " ", runner.invoke(app, ["eval", "--help"], terminal_width=200).output)
+    assert "loglik | generate" in text and "oracle | locate" in text

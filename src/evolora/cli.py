@@ -23,6 +23,20 @@ def _echo(message: str) -> None:
     typer.echo(message)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from evolora import __version__
+
+        typer.echo(f"evolora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print evolora's version and exit.")) -> None:
+    """Continual instruction tuning of LLMs."""
+
+
 @app.command()
 def run(config: Path = typer.Argument(..., help="YAML run config."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -59,8 +73,8 @@ def _finish(metrics: dict, run_dir: Path) -> None:
 
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
-          mode: Optional[str] = typer.Option(None, help="loglik or generate (default: the run's)."),
-          task_id: Optional[str] = typer.Option(None, "--task-id", help="Expert methods: oracle or locate "
+          mode: Optional[str] = typer.Option(None, help="loglik | generate (default: the run's)."),
+          task_id: Optional[str] = typer.Option(None, "--task-id", help="Expert methods: oracle | locate "
                                                 "(default: the run's)."),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE over the run's config; "
                                                    "method.options.locator* refits the task locator, "
@@ -119,7 +133,8 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder with metrics.j
 
 
 @app.command()
-def demo(method: str = typer.Option("seq_lora", help="Method to run."),
+def demo(method: str = typer.Option("seq_lora", help="Method to run: seq_ft, seq_lora, multitask, replay, ewc, lwf, "
+                                    "olora, per_task_lora, moe_cl, cmoe."),
          data_root: Optional[Path] = typer.Option(None, "--data-root",
                                                   help="Benchmark folder: run mtl5 on it instead."),
          out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo)."),
