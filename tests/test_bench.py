@@ -28,7 +28,7 @@ def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
 
     table = write_results(all_result_files(tmp_path / "results", tmp_path / "suite.yaml"), tmp_path / "RESULTS.md").read_text()
     lines = [x for x in table.splitlines() if x.startswith("|")]
-    assert lines[0] == "| method | AP | Avg | BWT | FWT | drift | locator | params/task | minutes |"
+    assert lines[0] == "| method | AP | Avg | BWT | FWT | drift | knowledge | locator | params/task | minutes |"
     assert lines[2].startswith("| seq_lora | ") and lines[3].startswith("| replay small | ")
     metrics = json.loads(done[0].read_text())
     assert f"| {metrics['metrics']['AP']:.1f} |" in lines[2]

@@ -48,3 +48,61 @@ def test_generate_mode_exact_match():
     result = evaluate_task(model, task, 0, pb, torch.device("cpu"), mode="generate", max_new_tokens=3)
     assert len(result.predictions) == 2
     assert result.accuracy == 100.0 * sum(p == ex.output for p, ex in zip(result.predictions, task.test)) / 2
+
+
+def test_score_choices_equals_a_full_forward_of_prompt_and_choice():
+    """Sharing the prompt's forward (its KV cache repeated per choice) gives each choice's summed
+    log-likelihood exactly as one forward over prompt + choice does; prompts may hold different choices."""
+    import torch
+
+    from evolora.evaluation import score_choices
+    from evolora.models import tiny_llama
+
+    model, tok = tiny_llama()
+    model.eval()
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    choices = [[[20, 21], [22], [23, 24, 25]], [[30], [31, 32], [33]], [[40, 41, 42, 43], [44], [45, 46]]]
+    scored = score_choices(model, prompts, choices, tok.pad_token_id, torch.device("cpu"), batch_size=2)
+    for prompt, options, (summed, lengths) in zip(prompts, choices, scored):
+        for k, choice in enumerate(options):
+            ids = torch.tensor([prompt + choice])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            expected = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(choice))
+            assert abs(summed[k].item() - expected) < 1e-4 and lengths[k].item() == len(choice)
+
+
+def test_multiple_choice_rows_in_every_reader(tmp_path):
+    import json
+
+    from evolora.config import TaskSource
+    from evolora.data.readers import read_choice_task, read_task
+    from evolora.errors import DataError
+
+    rows = [{"sentence": f"q{i}", "choices": ["a b", "c", "d e f"], "label": "c"} for i in range(4)]
+    folder = tmp_path / "olora"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.json").write_text(json.dumps(rows))
+    (folder / "labels.json").write_text(json.dumps(["unused"]))
+    task = read_task(TaskSource(name="mc", format="olora", path=str(folder)))
+    assert task.test[0].choices == ("a b", "c", "d e f")
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    for split in ("train", "test"):
+        (jsonl / f"{split}.jsonl").write_text("".join(json.dumps({"input": r["sentence"], "output": r["label"],
+                                                                  "choices": r["choices"]}) + "\n" for r in rows))
+    task = read_task(TaskSource(name="mc", format="jsonl", path=str(jsonl)))
+    assert task.labels == [] and task.test[0].choices == ("a b", "c", "d e f")
+    hf = tmp_path / "hf.jsonl"
+    hf.write_text("".join(json.dumps({"text": r["sentence"], "label": r["label"], "options": r["choices"]}) + "\n"
+                          for r in rows))
+    task = read_task(TaskSource(name="mc", format="hf", dataset="json", data_files={"train": str(hf), "test": str(hf)},
+                                choices_column="options", labels=["a b", "c", "d e f"]))
+    assert task.test[0].choices == ("a b", "c", "d e f")
+    assert len(read_choice_task(folder).test) == 4
+    (folder / "test.json").write_text(json.dumps([{"sentence": "q", "choices": ["a", "b"], "label": "z"}]))
+    import pytest
+
+    with pytest.raises(DataError, match="test.json:1: the answer 'z' is not one of its 'choices'"):
+        read_choice_task(folder)

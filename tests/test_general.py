@@ -54,3 +54,28 @@ def test_run_reports_general_drift(tmp_path, tiny_config):
     assert len(ppl) == 1 + len(record["R"]) and all(p > 1 for p in ppl)
     assert record["metrics"]["drift_pct"] == pytest.approx(100 * (ppl[-1] / ppl[0] - 1))
     assert "General ability" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+
+
+def test_general_knowledge_is_measured_on_the_base_model_and_after_every_stage(tmp_path, tiny_config):
+    import json
+
+    from evolora.bench import results_markdown
+    from evolora.config import build_config
+    from evolora.engine import run
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "test.json").write_text(json.dumps([
+        {"sentence": f"The word {w} means:", "choices": ["a thing", "an act", "a place", "a state"], "label": "a thing"}
+        for w in ("stone", "run", "city", "calm", "tree")]))
+    raw = tiny_config(tmp_path, eval={"batch_size": 8, "general_tasks": [str(probe)]})
+    record = run(build_config(raw))
+    per_stage = record["knowledge"]["per_stage"]
+    assert len(per_stage) == 1 + len(record["R"])  # the base model, then every stage
+    assert all(k["tasks"]["probe"]["n"] == 5 for k in per_stage)
+    assert record["knowledge"]["norm"] == "tokens"
+    assert record["metrics"]["knowledge_pts"] == per_stage[-1]["mean"] - per_stage[0]["mean"]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**record, "bench": {"label": "x", "suite": "s"}}))
+    row = next(line for line in results_markdown([path]).splitlines() if line.startswith("| x |"))
+    assert row.split(" | ")[6] == f"{record['metrics']['knowledge_pts']:.1f}"

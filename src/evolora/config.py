@@ -58,6 +58,8 @@ class TaskSource(_Strict):
     test_split: str = "test"
     text_column: str = "text"
     label_column: str = "label"
+    choices_column: Optional[str] = None
+    """hf: a column listing each row's own answer options (multiple choice; the label is one of them)."""
 
     @model_validator(mode="after")
     def _needs_a_source(self):
@@ -136,6 +138,15 @@ class EvalConfig(_Strict):
     and after every stage, and reported as drift % (general-ability retention)."""
     general_texts: int = Field(default=200, ge=1)
     general_max_tokens: int = Field(default=256, ge=8)
+    general_tasks: list[str] = Field(default_factory=list)
+    """Multiple-choice task folders (test.json with `sentence`, `choices`, `label`), never trained on: their
+    accuracy on the base model and after every stage is the `knowledge` figure (general-knowledge retention)."""
+    knowledge_every_stage: bool = True
+    """Measure `general_tasks` after every stage; false: on the base model and after the last stage only (the
+    figure of record is the last stage's change; each pass of 1,000 questions costs minutes on a CPU)."""
+    choice_norm: Literal["tokens", "none"] = "tokens"
+    """Multiple choice: the summed log-likelihood of each choice divided by its token count (lm-eval's
+    acc_norm, by tokens) or not (acc). Both are recorded; this one picks the prediction and the table's figure."""
     save_predictions: bool = True
     """Write every evaluated example's prediction to predictions/stage-NN.jsonl in the run folder (and
     predictions/final-located.jsonl for the located evaluation): for error analysis and paired comparisons."""

@@ -47,6 +47,8 @@ class RunContext:
     log: Callable[[str], None] = print
     general_sequences: Optional[list[list[int]]] = None
     """Token ids of the held-out general text, read on first use."""
+    knowledge_tasks: Optional[list[Task]] = None
+    """The general-knowledge probe's tasks (eval.general_tasks), read on first use."""
 
     def encode_train(self, task_index: int) -> list[Encoded]:
         task = self.tasks[task_index]
@@ -342,7 +344,8 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
             else:
                 with method.route(j):
                     result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
-                                           cfg.batch_size, cfg.max_new_tokens, shard=shard)
+                                           cfg.batch_size, cfg.max_new_tokens, shard=shard,
+                                           choice_norm=cfg.choice_norm)
                 located = 0
             counts[j] = torch.tensor([result.correct, result.total, located])
             predictions[ctx.tasks[j].name] = result.predictions
@@ -425,7 +428,7 @@ def _evaluate_located(ctx: RunContext, method: Method, j: int, shard: tuple[int,
         subset = dataclasses.replace(task, test=[examples[i] for i in members])
         with method.route(t):
             part = evaluate_task(ctx.model, subset, j, ctx.prompts, ctx.device, cfg.mode, cfg.batch_size,
-                                 cfg.max_new_tokens)
+                                 cfg.max_new_tokens, choice_norm=cfg.choice_norm)
         correct += part.correct
         for i, p in zip(members, part.predictions):
             predictions[i] = p
@@ -456,6 +459,36 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
     return result.value
+
+
+def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[dict]:
+    """Accuracy on the multiple-choice general-knowledge tasks (eval.general_tasks), never trained on, routed as
+    `general_perplexity` routes: {task: {acc, acc_norm, n}} and `mean` (by eval.choice_norm), or None."""
+    cfg = ctx.config.eval
+    if not cfg.general_tasks:
+        return None
+    if ctx.knowledge_tasks is None:
+        from evolora.data.readers import read_choice_task
+
+        ctx.knowledge_tasks = [read_choice_task(Path(folder)) for folder in cfg.general_tasks]
+    from evolora.evaluation import evaluate_choices
+
+    accelerator = ctx.accelerator
+    ctx.model.eval()
+    out: dict[str, Any] = {"tasks": {}}
+    with accelerator.autocast(), method.route(route_task):
+        for task in ctx.knowledge_tasks:
+            r = evaluate_choices(ctx.model, task, -1, ctx.prompts, ctx.device, cfg.batch_size, cfg.choice_norm,
+                                 plain=True, shard=(accelerator.process_index, accelerator.num_processes))
+            counts = torch.tensor([r.correct, r.correct_norm, r.total], dtype=torch.float64)
+            if accelerator.num_processes > 1:
+                counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+            correct, correct_norm, total = counts.tolist()
+            out["tasks"][task.name] = {"acc": 100.0 * correct / total, "acc_norm": 100.0 * correct_norm / total,
+                                       "n": int(total)}
+    key = "acc_norm" if cfg.choice_norm == "tokens" else "acc"
+    out["mean"] = sum(t[key] for t in out["tasks"].values()) / len(out["tasks"])
+    return out
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -587,6 +620,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     timings: dict[str, Any] = dict(progress.get("timings", {}))
     zero_shot = progress.get("zero_shot")
     general_ppl: list[float] = list(progress.get("general_ppl", []))
+    knowledge: list[dict] = list(progress.get("knowledge", []))
     locate_record: Optional[dict] = progress.get("locate")
 
     def evaluate_zero_shot(ctx: RunContext) -> None:
@@ -604,6 +638,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             general_ppl.append(general_perplexity(ctx, Method(), None))
         if general_ppl:
             log(f"general-text perplexity of the base model: {general_ppl[0]:.2f}")
+        if config.eval.general_tasks and not knowledge:
+            knowledge.append(general_knowledge(ctx, Method(), None))
+        if knowledge:
+            log(f"general knowledge of the base model: {knowledge[0]['mean']:.1f} % ({config.eval.choice_norm} norm)")
 
     ctx, method = build_context(config, run_dir, log, before_setup=evaluate_zero_shot)
     if fresh:
@@ -640,10 +678,11 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     def save_progress(complete: bool) -> dict:
         timings["total_s"] = previous_s + time.perf_counter() - started
         record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
-                                 general_ppl)
+                                 general_ppl, knowledge)
         record["locate"] = locate_record
         if is_main:
-            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "locate": locate_record,
+            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "knowledge": knowledge,
+                                     "locate": locate_record,
                                      "R": R, "stages": stage_records, "trained": trained,
                                      "checkpoints": checksums, "global_step": global_step, "timings": timings})
             guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
@@ -686,6 +725,11 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             write_predictions(ctx, predictions_path(run_dir, f"stage-{stage + 1:02d}"), info["predictions"],
                               f"stage-{stage + 1:02d}")
         ppl = general_perplexity(ctx, method, max(task_indices))
+        last = stage == len(ctx.stages) - 1
+        known = general_knowledge(ctx, method, max(task_indices)) \
+            if config.eval.knowledge_every_stage or last else None
+        if known is not None:
+            knowledge.append(known)
         eval_s = time.perf_counter() - t0
         if ppl is not None:
             general_ppl.append(ppl)
@@ -698,7 +742,8 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
             f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
             + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None)
-            + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else ""))
+            + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else "")
+            + (f" | knowledge {known['mean']:.1f} ({known['mean'] - knowledge[0]['mean']:+.1f})" if known else ""))
     step_log.close()
     if (locate_record is None and getattr(method, "has_locator", False) and config.eval.locate_final
             and config.eval.task_id == "oracle"):
@@ -732,7 +777,7 @@ def _trim_step_log(path: Path, completed: int, step_state: Optional[dict]) -> No
 
 
 def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete: bool,
-                    general_ppl: list[float]) -> dict:
+                    general_ppl: list[float], knowledge: Optional[list[dict]] = None) -> dict:
     params = count_parameters(ctx.model, method)
     n_tasks = len(names)
     continual = all(len(s) == 1 for s in ctx.stages)
@@ -740,6 +785,8 @@ def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, tim
     drift = [100.0 * (p / general_ppl[0] - 1.0) for p in general_ppl[1:]] if general_ppl else []
     if complete and drift:
         summary["drift_pct"] = drift[-1]
+    if complete and knowledge and len(knowledge) > 1:
+        summary["knowledge_pts"] = knowledge[-1]["mean"] - knowledge[0]["mean"]
     forgetting = summary.get("forgetting_per_task") or [None] * n_tasks
     return {
         "name": config.name,
@@ -758,6 +805,8 @@ def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, tim
         },
         "general": {"text": config.eval.general_text, "perplexity": general_ppl,
                     "drift_pct_per_stage": drift} if general_ppl else None,
+        "knowledge": {"tasks": list(config.eval.general_tasks), "norm": config.eval.choice_norm,
+                      "per_stage": knowledge} if knowledge else None,
         "parameters": {**params, "added_per_task": params["added"] / n_tasks if n_tasks else 0},
         "stages": stage_records,
         "timings": {**timings, "train_s": sum(s["train"]["seconds"] for s in stage_records),

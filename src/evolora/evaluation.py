@@ -78,6 +78,92 @@ def score_candidates(model, prompts: list[list[int]], candidates: list[list[int]
 
 
 @torch.no_grad()
+def score_choices(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int,
+                  device: torch.device, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt, the summed log-likelihood of each of its own choices and their token counts. Each prompt
+    runs once; its KV cache is repeated for its choices, which run in one batched pass (as label scoring)."""
+    out_scores: list = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (len(choices[i]), len(prompts[i])))
+    start = 0
+    while start < len(order):  # a batch holds prompts with the same number of choices
+        n = len(choices[order[start]])
+        idx = [i for i in order[start:start + batch_size] if len(choices[i]) == n]
+        start += len(idx)
+        ids, mask, positions = (t.to(device) for t in left_pad([prompts[i] for i in idx], pad_id))
+        flat = [c for i in idx for c in choices[i]]
+        cand_ids, cand_mask = (t.to(device) for t in _pad_candidates(flat, pad_id))
+        width = cand_ids.shape[1]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=width > 1,
+                    logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n, dim=0)
+        scores = first.gather(-1, cand_ids[:, :1]).squeeze(-1)
+        if width > 1:
+            cache_key = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+            cache = getattr(out, cache_key)
+            cache.batch_repeat_interleave(n)
+            full_mask = torch.cat([mask.repeat_interleave(n, dim=0), cand_mask[:, :-1]], dim=1)
+            cont_pos = positions[:, -1:].repeat_interleave(n, dim=0) + 1 + torch.arange(width - 1, device=device)
+            out2 = model(input_ids=cand_ids[:, :-1], attention_mask=full_mask, position_ids=cont_pos,
+                         use_cache=True, **{cache_key: cache})
+            logp = torch.log_softmax(out2.logits.float(), dim=-1)
+            scores = scores + (logp.gather(-1, cand_ids[:, 1:].unsqueeze(-1)).squeeze(-1) * cand_mask[:, 1:]).sum(-1)
+        scores, lengths = scores.view(len(idx), n).cpu(), cand_mask.sum(-1).view(len(idx), n).cpu()
+        for row, i in enumerate(idx):
+            out_scores[i] = (scores[row], lengths[row])
+    return out_scores
+
+
+@dataclass
+class ChoiceResult:
+    """Multiple choice: how many were right by summed log-likelihood (acc) and by per-token (acc_norm)."""
+
+    correct: int
+    correct_norm: int
+    total: int
+    predictions: list[str]
+    """by the chosen normalisation"""
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / self.total if self.total else 0.0
+
+    @property
+    def accuracy_norm(self) -> float:
+        return 100.0 * self.correct_norm / self.total if self.total else 0.0
+
+
+def evaluate_choices(model, task: Task, task_index: int, prompts: PromptBuilder, device: torch.device,
+                     batch_size: int = 16, norm: str = "tokens", plain: bool = False,
+                     shard: tuple[int, int] = (0, 1)) -> ChoiceResult:
+    """Each example's own choices scored after its prompt. `plain`: the prompt is the sentence alone and a
+    choice follows it after a space (a general-knowledge probe, as lm-eval frames one); else the task's
+    prompt (instruction, options, input, answer cue) and its answer format."""
+    rank, world = shard
+    examples = task.test[rank::world]
+    if not examples:
+        return ChoiceResult(0, 0, 0, [])
+    tok = prompts.tokenizer
+    if plain:
+        bos = [tok.bos_token_id] if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None else []
+        prompt_ids = [bos + tok(ex.input, add_special_tokens=False)["input_ids"][: prompts.max_input_tokens]
+                      for ex in examples]
+        choice_ids = [[tok(" " + c, add_special_tokens=False)["input_ids"] for c in ex.choices] for ex in examples]
+    else:
+        prompt_ids = [prompts.encode_prompt(task, ex, task_index).input_ids for ex in examples]
+        choice_ids = [[prompts.answer_ids(c) for c in ex.choices] for ex in examples]
+    scored = score_choices(model, prompt_ids, choice_ids, tok.pad_token_id, device, batch_size)
+    correct = correct_norm = 0
+    predictions = []
+    for ex, (summed, lengths) in zip(examples, scored):
+        by_sum = ex.choices[int(summed.argmax())]
+        by_norm = ex.choices[int((summed / lengths.clamp(min=1)).argmax())]
+        correct += by_sum == ex.output
+        correct_norm += by_norm == ex.output
+        predictions.append(by_norm if norm == "tokens" else by_sum)
+    return ChoiceResult(correct, correct_norm, len(examples), predictions)
+
+
+@torch.no_grad()
 def generate_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, device: torch.device,
                      max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -95,12 +181,16 @@ def generate_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, 
 
 def evaluate_task(model, task: Task, task_index: int, prompts: PromptBuilder, device: torch.device,
                   mode: str = "loglik", batch_size: int = 16, max_new_tokens: int = 16,
-                  shard: tuple[int, int] = (0, 1)) -> TaskResult:
+                  shard: tuple[int, int] = (0, 1), choice_norm: str = "tokens") -> TaskResult:
     """Accuracy on the task's test examples; with shard=(rank, world) only every world-th example."""
     rank, world = shard
     examples = task.test[rank::world]
     if not examples:
         return TaskResult(0, 0, [])
+    if mode == "loglik" and all(ex.choices for ex in examples):  # multiple choice, each example its own options
+        result = evaluate_choices(model, task, task_index, prompts, device, batch_size, choice_norm, shard=shard)
+        return TaskResult(result.correct_norm if choice_norm == "tokens" else result.correct, result.total,
+                          result.predictions)
     prompt_ids = [prompts.encode_prompt(task, ex, task_index).input_ids for ex in examples]
     pad_id = prompts.tokenizer.pad_token_id
     if mode == "loglik" and task.is_classification:

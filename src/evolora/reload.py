@@ -151,7 +151,7 @@ def _predict(run_dir: Path, examples: list[Example], task: Optional[str], trust_
                           [examples[i] for i in members])
             with method.route(t):
                 result = evaluate_task(ctx.model, subset, t, ctx.prompts, ctx.device, cfg.mode, cfg.batch_size,
-                                       cfg.max_new_tokens)
+                                       cfg.max_new_tokens, choice_norm=cfg.choice_norm)
             for i, answer in zip(members, result.predictions):
                 out[i] = {"input": examples[i].input, "task": names[t], "answer": answer}
     return out

@@ -126,7 +126,8 @@ def matrix_text(metrics: dict) -> str:
 
 def summary_text(metrics: dict) -> str:
     m = metrics["metrics"]
-    parts = [f"{k} {_fmt(m.get(k))}" for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "drift_pct") if m.get(k) is not None]
+    parts = [f"{k} {_fmt(m.get(k))}" for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "drift_pct", "knowledge_pts")
+             if m.get(k) is not None]
     return "  ".join(parts)
 
 

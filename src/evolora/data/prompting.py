@@ -39,7 +39,8 @@ class PromptBuilder:
     @staticmethod
     def header(task: Task, example: Example) -> str:
         instruction = example.instruction if example.instruction is not None else task.instruction
-        options = f"Option: {', '.join(task.labels)} \n" if task.labels else ""
+        offered = example.choices or task.labels
+        options = f"Option: {', '.join(offered)} \n" if offered else ""
         return instruction + options
 
     def prompt_ids(self, task: Task, example: Example) -> list[int]:

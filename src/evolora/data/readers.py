@@ -89,6 +89,20 @@ def _string_field(path: Path, line: int, row: object, key: str, required: bool =
     return value
 
 
+def _choices_field(path: Path, line: int, row: dict, answer: str) -> Optional[tuple[str, ...]]:
+    """A row's own answer options (`choices`: two or more distinct strings, the answer among them), or None."""
+    choices = row.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise DataError(f"{path}:{line}: 'choices' must be a list of two or more non-empty strings")
+    if len(set(choices)) != len(choices):
+        raise DataError(f"{path}:{line}: 'choices' holds the same option twice")
+    if answer not in choices:
+        raise DataError(f"{path}:{line}: the answer {answer[:80]!r} is not one of its 'choices'")
+    return tuple(choices)
+
+
 def _check_labels(path: Path, line: int, label: str, labels: list[str]) -> None:
     if labels and label not in labels:
         shown = ", ".join(repr(x) for x in labels[:8]) + (" ..." if len(labels) > 8 else "")
@@ -113,9 +127,25 @@ def read_olora_split(path: Path, labels: list[str]) -> list[Example]:
     for line, row in iter_json_array(path):
         sentence = _string_field(path, line, row, "sentence")
         label = _string_field(path, line, row, "label")
-        _check_labels(path, line, label, labels)
-        examples.append(Example(sentence, label))
+        choices = _choices_field(path, line, row, label)
+        if choices is None:
+            _check_labels(path, line, label, labels)
+        examples.append(Example(sentence, label, choices=choices))
     return examples
+
+
+def read_choice_task(folder: Path) -> Task:
+    """A multiple-choice evaluation task (e.g. a general-knowledge probe): `test.json` rows with
+    `sentence`, `choices` and `label`; never trained on, so no train split is needed."""
+    folder = Path(folder)
+    path = folder / "test.json" if folder.is_dir() else folder
+    test = read_olora_split(path, [])
+    if not test:
+        raise DataError(f"{path}: no questions")
+    missing = next((i for i, ex in enumerate(test) if ex.choices is None), None)
+    if missing is not None:
+        raise DataError(f"{path}: question {missing + 1} has no 'choices' (a multiple-choice task needs them)")
+    return Task(folder.name if folder.is_dir() else folder.stem, "", [], [], test)
 
 
 def read_olora_task(name: str, folder: Path, instruction: str) -> Task:
@@ -134,12 +164,16 @@ def read_jsonl_split(path: Path, labels: list[str]) -> list[Example]:
         text = _string_field(path, line, row, "input")
         answer = _string_field(path, line, row, "output")
         instruction = _string_field(path, line, row, "instruction", required=False)
-        _check_labels(path, line, answer, labels)
-        examples.append(Example(text, answer, instruction))
+        choices = _choices_field(path, line, row, answer)
+        if choices is None:
+            _check_labels(path, line, answer, labels)
+        examples.append(Example(text, answer, instruction, choices))
     return examples
 
 
 def _infer_labels(examples: list[Example]) -> list[str]:
+    if all(ex.choices for ex in examples):  # every example brings its own options
+        return []
     outputs = sorted({ex.output for ex in examples})
     return outputs if len(outputs) <= MAX_LABELS_FOR_SCORING else []
 
@@ -194,9 +228,16 @@ def read_hf_task(source: TaskSource) -> Task:
             if not isinstance(text, str):
                 raise DataError(f"task '{source.name}': {split} row {i}: '{source.text_column}' is not text")
             label = str(label)
-            if names and label not in names:
+            choices = None
+            if source.choices_column:
+                choices = row.get(source.choices_column)
+                if not isinstance(choices, list) or len(choices) < 2 or label not in [str(c) for c in choices]:
+                    raise DataError(f"task '{source.name}': {split} row {i}: '{source.choices_column}' must list two "
+                                    f"or more options, the label among them")
+                choices = tuple(str(c) for c in choices)
+            elif names and label not in names:
                 raise DataError(f"task '{source.name}': {split} row {i}: label {label!r} is not a known label")
-            out.append(Example(text, label))
+            out.append(Example(text, label, choices=choices))
         return out
 
     train = convert(train_ds, source.train_split)

@@ -12,6 +12,8 @@ class Example:
     output: str
     instruction: Optional[str] = None
     """Overrides the task's instruction for this example (JSONL rows may carry their own)."""
+    choices: Optional[tuple[str, ...]] = None
+    """A multiple-choice example's own answer options (`output` is one of them); None: the task's labels."""
 
 
 @dataclass

@@ -408,7 +408,8 @@ class MoECL(LocatorHooks, Method):
         self.model.eval()
         with ctx.accelerator.autocast(), self._use_expert(*answer):
             result = evaluate_task(self.model, dataclasses.replace(ctx.tasks[task_index], test=examples), task_index,
-                                   ctx.prompts, ctx.device, cfg.mode, cfg.batch_size, cfg.max_new_tokens)
+                                   ctx.prompts, ctx.device, cfg.mode, cfg.batch_size, cfg.max_new_tokens,
+                                   choice_norm=cfg.choice_norm)
         self.experts.clear()
         return 1.0 - result.correct / result.total
 
