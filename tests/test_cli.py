@@ -82,7 +82,8 @@ def test_version_and_the_choices_in_help():
 
     from evolora import __version__
     from evolora.cli import app
-    from evolora.methods.registry import METHODS, _load_all
+    from evolora.methods.build import _load_all
+    from evolora.methods.registry import METHODS
 
     runner = CliRunner()
     result = runner.invoke(app, ["--version"])

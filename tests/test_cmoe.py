@@ -176,7 +176,8 @@ def test_locator_feature_is_the_unpadded_hidden_state(tmp_path, tiny_config, poo
 
 def test_unknown_locator_pool_is_one_line(tmp_path, tiny_config):
     with pytest.raises(EvoloraError, match="locator_pool"):
-        build_config(tiny_config(tmp_path, "cmoe", method={"name": "cmoe", "options": {"locator_pool": "max"}}))
+        build_context(build_config(tiny_config(tmp_path, "cmoe", method={"name": "cmoe",
+                                                                          "options": {"locator_pool": "max"}})), None)
 
 
 def test_locator_layer_out_of_range_is_one_line(tmp_path, tiny_config):

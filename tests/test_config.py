@@ -25,8 +25,10 @@ def test_defaults_and_overrides(tmp_path):
     ({"data": {"stream": "custom", "tasks": [{"name": "a", "format": "olora"}]}}, "format olora needs `path`"),
 ])
 def test_bad_fields_give_one_line_naming_the_field(raw, expect):
-    with pytest.raises(ConfigError) as err:
-        build_config(raw, source="c.yaml")
+    from evolora.methods import validate_method_options
+
+    with pytest.raises(ConfigError) as err:  # method options are validated by the methods, not by config
+        validate_method_options(build_config(raw, source="c.yaml").method, "c.yaml")
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("c.yaml")

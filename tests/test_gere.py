@@ -109,10 +109,13 @@ def test_gere_without_texts_samples_them_from_the_base_model(tmp_path, tiny_conf
 
 
 def test_bad_addon_config_is_one_line(tmp_path, tiny_config):
+    from evolora.methods import validate_method_options
+
     with pytest.raises(ConfigError, match=r"method.addons.nope: unknown add-on"):
-        build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"nope": {}}}))
+        validate_method_options(build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"nope": {}}})).method)
     with pytest.raises(ConfigError, match=r"method.addons.gere.loss"):
-        build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"gere": {"loss": "mse"}}}))
+        validate_method_options(build_config(tiny_config(tmp_path, "seq_lora",
+                                                         method={"addons": {"gere": {"loss": "mse"}}})).method)
 
 
 def test_gere_on_moe_cl_runs(tmp_path, tiny_config):
@@ -136,8 +139,11 @@ def test_general_weight_scales_the_general_part_and_must_be_positive(tmp_path, t
         first_steps[scale] = json.loads((out / "run" / "steps.jsonl").read_text().splitlines()[0])
     assert first_steps[0.25]["task_loss"] == pytest.approx(first_steps[1.0]["task_loss"])
     assert first_steps[0.25]["general_ce"] == pytest.approx(0.25 * first_steps[1.0]["general_ce"], rel=1e-4)
+    from evolora.methods import validate_method_options
+
     with pytest.raises(ConfigError, match=r"general_weight"):
-        build_config(tiny_config(tmp_path, "seq_lora", method={"addons": {"gere": {"general_weight": 0}}}))
+        validate_method_options(build_config(tiny_config(tmp_path, "seq_lora",
+                                                         method={"addons": {"gere": {"general_weight": 0}}})).method)
 
 
 def test_defaults_are_the_reference_average_of_the_two_ces_and_proportional_mixing(tmp_path, tiny_config):

@@ -27,7 +27,8 @@ def documented_defaults(name: str) -> dict:
 
 
 def code_defaults(name: str) -> dict:
-    from evolora.methods.registry import ADDONS, method_class
+    from evolora.methods.build import method_class
+    from evolora.methods.registry import ADDONS
 
     cls = ADDONS[name] if name == "gere" else method_class(name)
     options = cls.Options()
@@ -36,7 +37,7 @@ def code_defaults(name: str) -> dict:
 
 @pytest.mark.parametrize("name, at_least", [("moe_cl", 12), ("gere", 6), ("cmoe", 5)])
 def test_documented_defaults_are_the_codes(name, at_least):
-    from evolora.methods.registry import _load_all
+    from evolora.methods.build import _load_all
 
     _load_all()
     documented, code = documented_defaults(name), code_defaults(name)

@@ -314,7 +314,7 @@ def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, ti
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in current)
     bad = tiny_config(tmp_path, "moe_cl", method={"addons": {"replay": {"per_task": -1}}})
     with pytest.raises(ConfigError, match=r"method.addons.replay: per_task must be >= 0"):
-        build_config(bad)
+        build_context(build_config(bad), None)
 
 
 def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_config, monkeypatch):

@@ -93,6 +93,7 @@ def run_suite(suite_path: Path, only: Optional[list[str]] = None, log=print,
 
 def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: bool = False) -> list[Path]:
     from evolora.engine import run as run_stream
+    from evolora.methods import validate_method_options
 
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
@@ -110,7 +111,9 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         overrides = [f"method.name={entry.method}", f"method.addons={json.dumps(entry.addons)}",
                      f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
-        config = build_config(_base_for(base, entry.method), overrides, source=f"{suite_path} [{entry.name}]")
+        source = f"{suite_path} [{entry.name}]"
+        config = build_config(_base_for(base, entry.method), overrides, source=source)
+        validate_method_options(config.method, source)
         resume = not rerun and can_resume(config, run_dir)
         log(f"[{entry.name}] {'resuming' if resume else 'running into'} {run_dir}")
         metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"), resume=resume)

@@ -46,8 +46,10 @@ def run(config: Path = typer.Argument(..., help="YAML run config."),
     """Train a method over a task stream, evaluating every task after every stage."""
     from evolora.config import load_config
     from evolora.engine import run as run_stream
+    from evolora.methods import validate_method_options
 
     cfg = load_config(config, set_ or [])
+    validate_method_options(cfg.method, str(config))
     run_dir = resume or out or cfg.run_dir()
     metrics = run_stream(cfg, run_dir, log=_echo, resume=resume is not None)
     import torch.distributed

@@ -270,9 +270,6 @@ def build_config(raw: dict, overrides: list[str] = (), source: str = "config") -
         raise ConfigError(_format_validation_error(err, source)) from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply") from None
-    from evolora.methods import validate_method_options
-
-    validate_method_options(config.method, source)
     return config
 
 

@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from evolora import atomic
 from evolora.config import RunConfig, dump_config
 from evolora.data import Task, build_stream
 from evolora.data.batching import collate_train, length_grouped_batches
-from evolora.data.prompting import IGNORE, Encoded, PromptBuilder
+from evolora.data.prompting import Encoded, PromptBuilder
 from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
-from evolora.methods import Method, StepInputs, build_method
+from evolora.methods import Method, StepInputs, build_method, validate_method_options
 from evolora.metrics import compute_metrics
-from evolora.models import bf16_emulation_note, bf16_products, load_model
+from evolora.models import answer_loss, bf16_emulation_note, bf16_products, load_model
 from evolora.report import predictions_path
 from evolora import runfolder
 from evolora.runfolder import RunLock
@@ -144,14 +143,6 @@ class StepLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens; `logits` are the last K+1 columns' logits."""
-    logits = logits[:, :-1].float()
-    if not (labels != IGNORE).any():  # a batch of input-only examples (e.g. an adversarial memory)
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
 class Interrupted(EvoloraError):
@@ -566,6 +557,7 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     from accelerate import PartialState
 
     check_gpus_per_node(config)
+    validate_method_options(config.method)  # before anything is read or written
     # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
     dist = PartialState(cpu=config.model.device == "cpu" or not torch.cuda.is_available())
     is_main = dist.is_main_process

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from evolora.config import ModelConfig
+from evolora.data.prompting import IGNORE
 from evolora.errors import EvoloraError
 
 EMBEDDED = {
@@ -228,3 +230,11 @@ def _refuse_pickle_only(folder: Path) -> None:
     if has_pickle and not has_safetensors:
         raise EvoloraError(f"model.name: {folder} holds only pickle weights (*.bin); evolora loads safetensors "
                            "only - convert it to safetensors, or set model.allow_pickle=true if you trust it")
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens; `logits` are the last K+1 columns' logits."""
+    logits = logits[:, :-1].float()
+    if not (labels != IGNORE).any():  # a batch of input-only examples (e.g. an adversarial memory)
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)

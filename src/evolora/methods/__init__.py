@@ -1,5 +1,6 @@
 from evolora.methods.base import Method, StepInputs
-from evolora.methods.registry import METHODS, build_method, method_class, register
+from evolora.methods.build import build_method, method_class
+from evolora.methods.registry import METHODS, register
 
 
 def validate_method_options(method_config, source: str = "config") -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
-if TYPE_CHECKING:
-    from evolora.engine import RunContext
+RunContext = Any
+"""The engine's run context (evolora.engine.RunContext: config, model, tokenizer, prompts, tasks, device,
+accelerator, stages, log). Methods sit below the engine, so they name it without importing it."""
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Method:
         """id() of the base model's parameters; wrappers such as PEFT rename them but keep the objects."""
 
     # --- structure -------------------------------------------------------------------------------
-    def setup(self, model: torch.nn.Module, ctx: "RunContext") -> torch.nn.Module:
+    def setup(self, model: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
         """Wrap or modify the model once per run; return the model to train."""
         return model
 
@@ -52,22 +53,22 @@ class Method:
         """Which tasks each training stage holds: one task per stage for a continual method."""
         return [[i] for i in range(num_tasks)]
 
-    def grow(self, stage: int, ctx: "RunContext") -> None:
+    def grow(self, stage: int, ctx: RunContext) -> None:
         """Add the capacity a stage needs (new experts, new adapters). Also replayed on reload."""
 
     # --- training --------------------------------------------------------------------------------
-    def before_task(self, stage: int, ctx: "RunContext") -> None:
+    def before_task(self, stage: int, ctx: RunContext) -> None:
         """Work done before training a stage (probing, snapshots)."""
 
-    def training_examples(self, stage: int, examples: list, ctx: "RunContext") -> list:
+    def training_examples(self, stage: int, examples: list, ctx: RunContext) -> list:
         """The encoded examples to train this stage on (replay methods add to them)."""
         return examples
 
-    def loss_terms(self, step: StepInputs, ctx: "RunContext") -> dict[str, torch.Tensor]:
+    def loss_terms(self, step: StepInputs, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Extra loss terms added to the task loss, by name (they are logged under these names)."""
         return {}
 
-    def after_task(self, stage: int, ctx: "RunContext") -> None:
+    def after_task(self, stage: int, ctx: RunContext) -> None:
         """Work after a stage (freeze experts, Fisher, fit a locator)."""
 
     # --- inference -------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ class CMoE(LocatorHooks, Method):
     # --- probing --------------------------------------------------------------------------------
     def _probe(self, stage: int, ctx) -> tuple[list[float], list[torch.Tensor]]:
         from evolora.data.batching import collate_train
-        from evolora.engine import answer_loss
+        from evolora.models import answer_loss
 
         opts, cfg = self.options, ctx.config.train
         device = next(self.model.parameters()).device

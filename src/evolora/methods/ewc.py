@@ -56,7 +56,7 @@ class EWC(SeqLoRA):
 
     def after_task(self, stage, ctx):
         from evolora.data.batching import collate_train
-        from evolora.engine import answer_loss
+        from evolora.models import answer_loss
 
         model = ctx.model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}

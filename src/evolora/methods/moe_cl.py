@@ -418,7 +418,7 @@ class MoECL(LocatorHooks, Method):
         """Mean answer loss of the examples answered by `answer`: (task whose expert and gate, task whose
         shared snapshot)."""
         from evolora.data.batching import collate_train
-        from evolora.engine import answer_loss
+        from evolora.models import answer_loss
 
         self.model.eval()
         size = ctx.config.eval.batch_size

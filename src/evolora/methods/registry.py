@@ -1,8 +1,7 @@
+"""Where methods and add-ons register themselves: `@register` / `@register_addon` on the class. Imports no
+method (`evolora.methods.build` imports them all and builds one from its config)."""
+
 from __future__ import annotations
-
-import dataclasses
-
-from evolora.errors import ConfigError
 
 METHODS: dict[str, type] = {}
 ADDONS: dict[str, type] = {}
@@ -16,60 +15,3 @@ def register(cls):
 def register_addon(cls):
     ADDONS[cls.name] = cls
     return cls
-
-
-def _load_all() -> None:
-    from evolora.methods import (cmoe, ewc, gere, lwf, moe_cl, multitask, olora,  # noqa: F401
-                                 per_task_lora, replay, seq_ft, seq_lora)
-
-
-def method_class(name: str, source: str = "config"):
-    _load_all()
-    if name not in METHODS:
-        raise ConfigError(f"{source}: method.name: unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
-
-
-def build_options(cls, options: dict, source: str = "config", section: str = "method.options"):
-    if cls.Options is None:
-        if options:
-            raise ConfigError(f"{source}: {section}: {cls.name} takes no options")
-        return None
-    if not isinstance(options, dict):
-        raise ConfigError(f"{source}: {section}: expected a mapping of options, got {options!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    variants = getattr(cls.Options, "VARIANTS", {})
-    if "variant" in fields and options.get("variant") is not None:
-        if options["variant"] not in variants:
-            raise ConfigError(f"{source}: {section}.variant: unknown variant {str(options['variant'])[:80]!r} for "
-                              f"{cls.name} (known: {', '.join(variants)})")
-        options = {**variants[options["variant"]], **options}  # options given beside the variant win
-    for key in options:
-        if key not in fields:
-            raise ConfigError(f"{source}: {section}.{key!s}: unknown option for {cls.name} "
-                              f"(options: {', '.join(fields)})")
-    from pydantic import TypeAdapter, ValidationError
-
-    try:
-        return TypeAdapter(cls.Options).validate_python(options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        where = f"{section}.{loc}" if loc else section
-        raise ConfigError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
-
-
-def build_method(method_config, source: str = "config"):
-    cls = method_class(method_config.name, source)
-    method = cls(build_options(cls, method_config.options, source))
-    if not method_config.addons:
-        return method
-    from evolora.methods.addons import WithAddOns
-
-    addons = []
-    for name, options in method_config.addons.items():
-        if name not in ADDONS:
-            raise ConfigError(f"{source}: method.addons.{name}: unknown add-on (known: {', '.join(sorted(ADDONS))})")
-        addon_cls = ADDONS[name]
-        addons.append(addon_cls(build_options(addon_cls, options or {}, source, f"method.addons.{name}")))
-    return WithAddOns(method, addons)
