@@ -284,3 +284,20 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, tiny_config):
         {"name": "t", "format": "jsonl", "path": str(tmp_path)}]}))
     task = build_stream(config.data)[0]
     assert sorted(e.input for e in task.test) == sorted(r["input"] for r in rows)
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line(tmp_path, tiny_config, monkeypatch):
+    import errno
+
+    from evolora import atomic
+
+    run(build_config(tiny_config(tmp_path)))
+    before = snapshot(tmp_path / "run")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "report.html"))
+
+    monkeypatch.setattr(atomic, "write_text", full)
+    line = one_bounded_line(*run_cli(["report", str(tmp_path / "run")]))
+    assert "report.html" in line and "No space left on device" in line
+    assert snapshot(tmp_path / "run") == before
