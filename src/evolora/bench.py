@@ -170,7 +170,9 @@ COLUMNS = ["method", "AP", "Avg", "BWT", "FWT", "drift", "knowledge", "locator",
 
 
 def _cell(value, digits=1) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return ""
+    return f"{value:.1e}" if abs(value) >= 1e6 else f"{value:.{digits}f}"  # a diverged run's drift stays readable
 
 
 def table_rows(metrics: dict) -> list[list[str]]:
