@@ -123,8 +123,10 @@ def read_json(path: Path, what: str, shape: type = dict):
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise EvoloraError(f"{path}: {what} is corrupt (not JSON)") from None
+    except json.JSONDecodeError as exc:  # file:line, as the report's reader gave before this helper served it
+        raise EvoloraError(f"{path}:{exc.lineno}: {what} is corrupt (invalid JSON: {exc.msg})") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise EvoloraError(f"{path}: {what} is corrupt (not UTF-8 JSON, or nested too deeply)") from None
     if not isinstance(value, shape):
         raise EvoloraError(f"{path}: {what} is not a JSON {shape.__name__}")
     return value
