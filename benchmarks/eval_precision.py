@@ -14,7 +14,7 @@ from pathlib import Path
 from evolora.engine import evaluate_row
 from evolora.reload import load_run, run_precision
 from evolora.report import predictions_path
-from evolora.state import read_progress
+from evolora.engine.state import read_progress
 
 
 def evaluate(run_dir: Path, tasks: list[str], overrides: list[str]) -> tuple[str, dict[str, float], dict[str, list]]:

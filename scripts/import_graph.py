@@ -22,7 +22,7 @@ LAYERS = [
     ("models", ["evolora.models", "evolora.runfolder"]),
     ("evaluation", ["evolora.evaluation", "evolora.metrics", "evolora.report"]),
     ("methods", ["evolora.methods"]),
-    ("engine", ["evolora.engine", "evolora.state"]),
+    ("engine", ["evolora.engine"]),
     ("recipes", ["evolora.reload", "evolora.bench"]),
     ("cli", ["evolora.cli", "evolora.__main__"]),
 ]

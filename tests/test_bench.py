@@ -5,7 +5,9 @@ import json
 import pytest
 import yaml
 
-from evolora.bench import all_result_files, compare, results_markdown, run_suite, write_results
+from evolora.bench import all_result_files, run_suite
+from evolora.report.compare import compare
+from evolora.report.tables import results_markdown, write_results
 
 
 def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
@@ -96,7 +98,7 @@ def test_an_interrupted_suite_run_is_resumed_and_expert_runs_get_oracle_and_loca
                                                                                        monkeypatch):
     import pytest
 
-    import evolora.engine as engine
+    import evolora.engine.runner as engine
 
     base = tiny_config(tmp_path, "moe_cl")
     base["method"]["options"] = {"locator_vae_steps": 10}

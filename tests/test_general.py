@@ -59,7 +59,7 @@ def test_run_reports_general_drift(tmp_path, tiny_config):
 def test_general_knowledge_is_measured_on_the_base_model_and_after_every_stage(tmp_path, tiny_config):
     import json
 
-    from evolora.bench import results_markdown
+    from evolora.report.tables import results_markdown
     from evolora.config import build_config
     from evolora.engine import run
 

@@ -124,7 +124,7 @@ def test_answer_loss_of_an_input_only_batch_is_zero_not_nan():
     import torch
 
     from evolora.data.prompting import IGNORE
-    from evolora.engine import answer_loss
+    from evolora.models import answer_loss
 
     logits = torch.randn(2, 3, 11, requires_grad=True)
     loss = answer_loss(logits, torch.full((2, 2), IGNORE))

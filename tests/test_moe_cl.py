@@ -283,7 +283,7 @@ def test_bad_config_is_one_line(tmp_path, tiny_config, options, message):
 def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, tiny_config):
     """`moe_cl+replay`: a stored example of task 0 trains the shared expert through task 0's routing,
     not the current task's expert (which it never passes through), and task 0's frozen expert not at all."""
-    from evolora.engine import answer_loss
+    from evolora.models import answer_loss
 
     raw = tiny_config(tmp_path, "moe_cl", method={"options": {"memory_per_task": 0},
                                                   "addons": {"replay": {"per_task": 3}}}, data={"max_tasks": 2})

@@ -3,7 +3,7 @@ import torch
 from evolora.data.batching import collate_train, left_pad, length_grouped_batches
 from evolora.data.prompting import IGNORE, PromptBuilder
 from evolora.data.tasks import Example, Task
-from evolora.engine import answer_loss
+from evolora.models import answer_loss
 from evolora.models import tiny_llama
 
 TASK = Task("t", "Classify.\n", ["pos", "neg"], [], [])

@@ -20,7 +20,7 @@ from evolora.methods import register
 from evolora.methods.registry import METHODS
 from evolora.methods.seq_lora import SeqLoRA
 from evolora.runfolder import RunLock
-from evolora.state import read_progress
+from evolora.engine.state import read_progress
 
 
 def long_config(tiny_config, tmp_path, **train):
@@ -163,7 +163,7 @@ def test_nan_loss_stops_naming_task_and_step_and_keeps_last_checkpoint(tmp_path,
     run_dir = tmp_path / "run"
     progress = read_progress(run_dir)
     assert len(progress["R"]) == 1
-    from evolora.state import sha256_file
+    from evolora.engine.state import sha256_file
 
     assert sha256_file(checkpoint_path(run_dir, 0)) == progress["checkpoints"]["stage-01.safetensors"]
 
@@ -190,7 +190,7 @@ def test_full_disk_while_saving_leaves_previous_checkpoint(tmp_path, tiny_config
     files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert files == ["stage-01.safetensors"]  # no partial or temporary file
     progress = read_progress(run_dir)
-    from evolora.state import sha256_file
+    from evolora.engine.state import sha256_file
 
     assert sha256_file(checkpoint_path(run_dir, 0)) == progress["checkpoints"]["stage-01.safetensors"]
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
@@ -236,7 +236,7 @@ class CrashedInEvaluation(Exception):
 @pytest.mark.parametrize("method_name", ["seq_lora", "cmoe", "moe_cl"])
 def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_path, tiny_config, monkeypatch,
                                                                          method_name):
-    import evolora.engine as engine
+    import evolora.engine.runner as engine
 
     raw = tiny_config(tmp_path, method_name, output={"keep_checkpoints": "last"})
     reference = run(build_config({**raw, "output": {**raw["output"], "dir": str(tmp_path / "ref")}}))
@@ -276,7 +276,7 @@ def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_pat
 
 def test_crash_before_progress_names_the_new_checkpoint_keeps_the_previous_one(tmp_path, tiny_config,
                                                                                monkeypatch):
-    import evolora.engine as engine
+    import evolora.engine.runner as engine
 
     raw = tiny_config(tmp_path, output={"keep_checkpoints": "last"}, train={"checkpoint_every": 0})
     real_write_progress = engine.write_progress

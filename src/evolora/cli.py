@@ -167,7 +167,9 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
                                      "their results and run folders (after a change to a method's code)."),
           ) -> None:
     """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
-    from evolora.bench import all_result_files, compare, load_suite, run_suite, write_results
+    from evolora.bench import all_result_files, load_suite, run_suite
+    from evolora.report.compare import compare
+    from evolora.report.tables import write_results
 
     try:
         order_list = [int(x) for x in orders.split(",")] if orders else None
@@ -192,7 +194,7 @@ def compare_(run_dirs: List[Path] = typer.Argument(..., help="Finished run folde
              out: Path = typer.Option(Path("comparison"), "--out", help="Folder for the table and plots.")) -> None:
     """Side-by-side table (Markdown + JSON) and plots of finished runs; where the runs kept their
     predictions, each run's AP against the first run's with a paired-bootstrap interval."""
-    from evolora.bench import compare
+    from evolora.report.compare import compare
     from evolora.report import read_final_predictions, read_metrics
 
     metrics = [read_metrics(d) for d in run_dirs]

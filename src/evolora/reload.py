@@ -14,9 +14,8 @@ from evolora.engine import (build_context, checkpoint_path, evaluate_located_fin
                             write_predictions)
 from evolora.errors import EvoloraError
 from evolora.models import bf16_products
-from evolora.methods.locator import LOCATOR_MODULE
 from evolora.report import predictions_path
-from evolora.state import read_progress
+from evolora.engine.state import read_progress
 
 
 def trusted(overrides: list[str] = (), trust_remote_code: bool = False, allow_pickle: bool = False) -> list[str]:
@@ -28,29 +27,23 @@ def trusted(overrides: list[str] = (), trust_remote_code: bool = False, allow_pi
 
 def load_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False, allow_pickle: bool = False):
     """The finished run's model (run_dir's config with `overrides`; remote code and pickle weights only as the
-    arguments say, never as the folder's config.yaml says). Overrides of `method.options.locator*` refit the
-    task locator with the new options: its features come from the frozen base model and each task's train inputs, so a refit after
-    the run gives what fitting during the run would have. Overrides of `method.options.reassign*` (moe_cl)
-    choose every task's answering expert anew among all experts."""
+    arguments say, never as the folder's config.yaml says). Overrides of `method.options.*` reach the method's
+    `reload_skip` and `refit` hooks (a task locator refitted with new locator options, moe_cl's answering experts
+    chosen anew with new reassignment options)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml", trusted(overrides, trust_remote_code, allow_pickle))
     ctx, method = build_context(config, run_dir, log=lambda _: None)
     progress = read_progress(run_dir) or {}
     if len(progress.get("R", [])) != len(ctx.stages):
         raise EvoloraError(f"{run_dir}: the run has not finished (resume it with evolora run --resume)")
-    overridden = [o.split("=", 1)[0].strip() for o in overrides]
-    refit = any(key.startswith("method.options.locator") for key in overridden)
+    changed = {key[len("method.options."):] for key in (o.split("=", 1)[0].strip() for o in overrides)
+               if key.startswith("method.options.")}
     path = checkpoint_path(run_dir, len(ctx.stages) - 1)
     for stage in range(len(ctx.stages)):
         method.grow(stage, ctx)
     load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name),
-                    skip_module=LOCATOR_MODULE if refit else None)
-    if refit:
-        for stage in range(len(ctx.stages)):
-            method.fit_locator(stage, ctx)
-    if any(key.startswith("method.options.reassign") for key in overridden) \
-            and getattr(method.options, "reassign_examples", 0):
-        method.reassign(len(ctx.stages) - 1, ctx, every_expert=True)
+                    skip_module=method.reload_skip(changed))
+    method.refit(ctx, changed)
     ctx.model.eval()
     return ctx, method
 
@@ -80,10 +73,7 @@ def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, 
         if path is not None:
             write_predictions(ctx, path, info["predictions"], label)
         extra = {}
-    if hasattr(method, "answerers") and method.options.reassign_examples:
-        extra["answerer"] = method.answerers()
-        extra["reassign_by"] = method.options.reassign_by
-        extra["reassign_scores"] = method.reassign_scores
+    extra.update(method.eval_record())
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
               "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
               **extra}
@@ -134,14 +124,9 @@ def _predict(run_dir: Path, examples: list[Example], task: Optional[str], trust_
             raise EvoloraError(f"--task: {task!r} is not a task of this run ({', '.join(names)})")
         located = [names.index(task)] * len(examples)
     else:
-        if not getattr(method, "has_locator", False):
+        if not method.has_locator:
             raise EvoloraError(f"{method.name} has no task locator: name the task with --task ({', '.join(names)})")
-        kind = method.options.locator
-        scores = torch.stack([
-            method.locator.score_task(t, method.features(ctx, [ctx.prompts.encode_prompt(ctx.tasks[t], ex, t).input_ids
-                                                              for ex in examples]), kind)
-            for t in range(len(ctx.tasks))], dim=-1)
-        located = scores.argmin(-1).tolist()
+        located = method.locate_new(ctx, examples)
     out: list[dict] = [{} for _ in examples]
     cfg = ctx.config.eval
     with ctx.accelerator.autocast():

@@ -98,6 +98,33 @@ class WithAddOns(Method):
         with self.method.batch_route(task_ids):
             yield
 
+    @property
+    def has_locator(self):
+        return self.method.has_locator
+
+    @property
+    def locator_kinds(self):
+        return self.method.locator_kinds
+
+    @property
+    def locator_kind(self):
+        return self.method.locator_kind
+
+    def locate(self, ctx, key, prompt_ids, kind=None):
+        return self.method.locate(ctx, key, prompt_ids, kind)
+
+    def locate_new(self, ctx, examples):
+        return self.method.locate_new(ctx, examples)
+
+    def reload_skip(self, changed):
+        return self.method.reload_skip(changed)
+
+    def refit(self, ctx, changed):
+        self.method.refit(ctx, changed)
+
+    def eval_record(self):
+        return self.method.eval_record()
+
     def checkpoint_state(self, model):
         return self.method.checkpoint_state(model)
 
@@ -112,8 +139,3 @@ class WithAddOns(Method):
         for addon in self.addons:
             out.update(addon.extra_metrics())
         return out
-
-    def __getattr__(self, item):  # anything else a caller asks of the method (e.g. a locator)
-        if item == "method":
-            raise AttributeError(item)
-        return getattr(self.method, item)

@@ -3,8 +3,10 @@ runs (Avalanche-style). A method overrides only the hooks it needs.
 
 Per run:    setup
 Per stage:  grow -> before_task -> training_examples -> [loss_terms each step] -> after_task
-Inference:  route(task_index) wraps every forward pass on that task's inputs.
-On reload:  setup, grow for every finished stage, then the checkpoint's tensors are loaded."""
+Inference:  route(task_index) wraps every forward pass on that task's inputs; a method with a task
+            locator (`has_locator`) also answers `locate` / `locate_new` (no task id at inference).
+On reload:  setup, grow for every finished stage, the checkpoint's tensors (less `reload_skip`), then
+            `refit` for options the caller changed."""
 
 from __future__ import annotations
 
@@ -83,6 +85,25 @@ class Method:
         the ids on the CPU, so reading them never waits on the device."""
         yield
 
+    # --- task location (methods that answer without a task id) ----------------------------------
+    has_locator: ClassVar[bool] = False
+    locator_kinds: ClassVar[tuple[str, ...]] = ()
+    """The density models the locator can score with (evaluation reports the accuracy of each)."""
+
+    @property
+    def locator_kind(self) -> str | None:
+        """The kind of density model `locate` uses unless told otherwise."""
+        return None
+
+    def locate(self, ctx: RunContext, key: Any, prompt_ids: list[list[int]], kind: str | None = None) -> list[int]:
+        """The stage-level task index each prompt belongs to, by the locator (`kind` or the default). `key`
+        names the prompts (e.g. ("test", task, shard)) so features of the same prompts can be cached."""
+        raise NotImplementedError(f"{self.name} has no task locator")
+
+    def locate_new(self, ctx: RunContext, examples: list) -> list[int]:
+        """The task of each new input (no task known: each is framed as every task would frame it)."""
+        raise NotImplementedError(f"{self.name} has no task locator")
+
     # --- checkpointing ---------------------------------------------------------------------------
     def checkpoint_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The tensors that define what this method learned: everything not in the base model, plus base
@@ -98,6 +119,18 @@ class Method:
         with torch.no_grad():
             for name, tensor in state.items():
                 own[name].copy_(tensor.to(own[name].dtype))
+
+    def reload_skip(self, changed: set[str]) -> str | None:
+        """On reload with changed options (names under `method.options`): a top-level module whose saved
+        tensors no longer apply and are left for `refit` to rebuild, or None."""
+        return None
+
+    def refit(self, ctx: RunContext, changed: set[str]) -> None:
+        """On reload, after the final checkpoint is loaded: rebuild what depends on the changed options."""
+
+    def eval_record(self) -> dict[str, Any]:
+        """Figures a re-evaluation of a finished run records beside its accuracies (eval.json)."""
+        return {}
 
     def stage_metrics(self, stage: int) -> dict[str, Any]:
         """Figures of the stage just finished, asked for after `after_task`. They are kept with the stage's

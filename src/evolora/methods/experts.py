@@ -238,3 +238,43 @@ class ExpertModel:
         for routing in self.routing:
             routing.set(None)
             routing.recorded = None
+
+
+class GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight: float):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.weight * grad, None
+
+
+class MixedFFN(nn.Module):
+    """The paper's mixing: the FFN with the shared expert's deltas and the FFN with the task expert's,
+    outputs mixed per token by the gate. Both run in one call of the wrapped FFN over 2B rows."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp
+        self.routing = None
+        """The layer's LayerRouting, set once the experts are installed."""
+
+    def forward(self, x):
+        routing = self.routing
+        w, chosen, common = routing.weights, routing.experts, routing.common  # slot 0 the shared expert, 1 the task's
+        if w is None or w.shape[-1] == 1:  # no experts, or the shared expert alone
+            out = self.mlp(x)
+            if w is not None and routing.record == "ffn":
+                routing.recorded = out
+            return out
+        slots = torch.eye(2, device=w.device, dtype=w.dtype)
+        routing.set(Route(torch.cat([chosen, chosen]), torch.cat([slots[0].expand_as(w), slots[1].expand_as(w)]),
+                          common))
+        out = self.mlp(torch.cat([x, x]))
+        routing.set(Route(chosen, w, common))
+        out_shared, out_task = out.chunk(2)
+        if routing.record == "ffn":
+            routing.recorded = out_shared
+        return w[..., :1].to(out.dtype) * out_shared + w[..., 1:].to(out.dtype) * out_task

@@ -214,6 +214,11 @@ class LocatorHooks:
     `locator_rank`, `locator_fit_examples`."""
 
     has_locator = True
+    locator_kinds = ("gaussian", "vae")
+
+    @property
+    def locator_kind(self) -> str:
+        return self.options.locator
 
     def setup_locator(self, model, ctx) -> None:
         from evolora.errors import ConfigError
@@ -264,3 +269,23 @@ class LocatorHooks:
         if key not in self._feature_cache:
             self._feature_cache[key] = self.features(ctx, prompt_ids)
         return self.locator.locate(self._feature_cache[key], kind or self.options.locator).tolist()
+
+    def locate_new(self, ctx, examples) -> list[int]:
+        """Each new input framed as every task frames it (its instruction unless the input brings one, its
+        answer options), scored by that task's density model; the task with the lowest z-score."""
+        scores = torch.stack([
+            self.locator.score_task(t, self.features(ctx, [ctx.prompts.encode_prompt(ctx.tasks[t], ex, t).input_ids
+                                                           for ex in examples]), self.options.locator)
+            for t in range(len(ctx.tasks))], dim=-1)
+        return scores.argmin(-1).tolist()
+
+    def reload_skip(self, changed: set[str]) -> str | None:
+        """New locator options: the saved density models no longer apply (refit rebuilds them)."""
+        return LOCATOR_MODULE if any(name.startswith("locator") for name in changed) else None
+
+    def refit(self, ctx, changed: set[str]) -> None:
+        """Refits the locator with new options: its features come from the frozen base model and each task's
+        train inputs, so a refit after the run gives what fitting during the run would have."""
+        if self.reload_skip(changed):
+            for stage in range(len(ctx.stages)):
+                self.fit_locator(stage, ctx)

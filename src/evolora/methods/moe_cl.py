@@ -20,17 +20,12 @@ answering experts by dev accuracy. Any option given beside it overrides the vari
 Shared snapshots (`shared_snapshots`, not in the paper): expert 1+2t is task t's and 2+2t a frozen copy of
 the shared expert taken when task t finished; a task that is not the latest reads its copy.
 
-Reassignment (`reassign_examples` > 0, not in the paper): after each stage every seen task is answered by the
-expert (with its gate) that does best on a few of the task's labelled examples (its dev split when the stream
-has one): by answer loss, or by error rate scored as evaluation scores (`reassign_by: accuracy`). A task moves
-only when the score falls by more than `reassign_margin`."""
+Reassignment (`reassign_examples` > 0, not in the paper): methods/reassign.py."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
-import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
@@ -39,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.data.prompting import Encoded
-from evolora.data.tasks import Example, Task
 from evolora.methods.base import Method
-from evolora.methods.experts import ExpertModel, Route, decoder_layers
+from evolora.methods.experts import ExpertModel, GradientReversal, MixedFFN, Route, decoder_layers
 from evolora.methods.locator import LocatorHooks, LocatorOptions
+from evolora.methods.reassign import ReassignHooks
 from evolora.methods.registry import register
 
 
@@ -103,46 +98,6 @@ class MoECLOptions(LocatorOptions):
             raise ValueError("memory_per_task and discriminator_hidden: must be >= 0")
 
 
-class GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight: float):
-        ctx.weight = weight
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.weight * grad, None
-
-
-class MixedFFN(nn.Module):
-    """The paper's mixing: the FFN with the shared expert's deltas and the FFN with the task expert's,
-    outputs mixed per token by the gate. Both run in one call of the wrapped FFN over 2B rows."""
-
-    def __init__(self, mlp: nn.Module):
-        super().__init__()
-        self.mlp = mlp
-        self.routing = None
-        """The layer's LayerRouting, set once the experts are installed."""
-
-    def forward(self, x):
-        routing = self.routing
-        w, chosen, common = routing.weights, routing.experts, routing.common  # slot 0 the shared expert, 1 the task's
-        if w is None or w.shape[-1] == 1:  # no experts, or the shared expert alone
-            out = self.mlp(x)
-            if w is not None and routing.record == "ffn":
-                routing.recorded = out
-            return out
-        slots = torch.eye(2, device=w.device, dtype=w.dtype)
-        routing.set(Route(torch.cat([chosen, chosen]), torch.cat([slots[0].expand_as(w), slots[1].expand_as(w)]),
-                          common))
-        out = self.mlp(torch.cat([x, x]))
-        routing.set(Route(chosen, w, common))
-        out_shared, out_task = out.chunk(2)
-        if routing.record == "ffn":
-            routing.recorded = out_shared
-        return w[..., :1].to(out.dtype) * out_shared + w[..., 1:].to(out.dtype) * out_task
-
-
 def _stacked_linear(linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """Each layer's linear on its own rows, in one batched product: x [L, B, in] -> [L, B, out]."""
     weight = torch.stack([m.weight for m in linears]).transpose(1, 2)
@@ -152,7 +107,7 @@ def _stacked_linear(linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class MoECL(LocatorHooks, Method):
+class MoECL(ReassignHooks, LocatorHooks, Method):
     name = "moe_cl"
     Options = MoECLOptions
 
@@ -378,90 +333,6 @@ class MoECL(LocatorHooks, Method):
         if self.options.reassign_examples:
             self.reassign(stage, ctx)
 
-    # --- reassignment ---------------------------------------------------------------------------
-    def _labelled_memory(self, task_index: int, ctx) -> list[Example]:
-        """Up to `reassign_examples` of the task's dev examples, or of its train examples without a dev split."""
-        task = ctx.tasks[task_index]
-        return self._sample_raw(task, task.dev or task.train, self.options.reassign_examples, "reassign")
-
-    def _sample_raw(self, task: Task, pool: list[Example], count: int, purpose: str) -> list[Example]:
-        """`count` examples of `pool` (or all), drawn the same way every run."""
-        rng = random.Random(f"moe_cl-{purpose}:{self.options.seed}:{task.name}")
-        return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(count, len(pool))))]
-
-    def _reassign_scorer(self, task_index: int, ctx):
-        """What reassignment minimises for the task, as a function of its answerer (`reassign_by`), on its
-        kept examples."""
-        examples = self._labelled_memory(task_index, ctx)
-        if self.options.reassign_by == "accuracy":
-            return lambda answer: self._answer_error(task_index, examples, answer, ctx)
-        task = ctx.tasks[task_index]
-        encoded = [ctx.prompts.encode_train(task, ex, task_index) for ex in examples]
-        return lambda answer: self._answer_loss(encoded, answer, ctx)
-
-    @torch.no_grad()
-    def _answer_error(self, task_index: int, examples: list[Example], answer: tuple[int, int], ctx) -> float:
-        """Error rate (0-1) on the examples answered by `answer`, scored as evaluation scores test examples."""
-        from evolora.evaluation import evaluate_task
-
-        cfg = ctx.config.eval
-        self.model.eval()
-        with ctx.accelerator.autocast(), self._use_expert(*answer):
-            result = evaluate_task(self.model, dataclasses.replace(ctx.tasks[task_index], test=examples), task_index,
-                                   ctx.prompts, ctx.device, cfg.mode, cfg.batch_size, cfg.max_new_tokens,
-                                   choice_norm=cfg.choice_norm)
-        self.experts.clear()
-        return 1.0 - result.correct / result.total
-
-    @torch.no_grad()
-    def _answer_loss(self, examples: list[Encoded], answer: tuple[int, int], ctx) -> float:
-        """Mean answer loss of the examples answered by `answer`: (task whose expert and gate, task whose
-        shared snapshot)."""
-        from evolora.data.batching import collate_train
-        from evolora.models import answer_loss
-
-        self.model.eval()
-        size = ctx.config.eval.batch_size
-        total = 0.0
-        with ctx.accelerator.autocast(), self._use_expert(*answer):
-            for start in range(0, len(examples), size):
-                part = examples[start:start + size]
-                batch = collate_train(part, ctx.tokenizer.pad_token_id).to(ctx.device)
-                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1)
-                total += answer_loss(out.logits, batch.labels).item() * len(part)
-        self.experts.clear()
-        return total / len(examples)
-
-    def reassign(self, stage: int, ctx, every_expert: bool = False) -> None:
-        """Chooses the answerer of every task seen up to `stage` (module docstring); `every_expert` compares
-        all experts for every task (a finished run re-evaluated with reassignment switched on)."""
-        started = time.perf_counter()
-        seen = sorted({t for s in range(stage + 1) for t in ctx.stages[s]})
-        new = sorted(ctx.stages[stage])
-        latest = new[-1]  # its snapshot is the shared expert as it is now
-        margin = self.options.reassign_margin
-        names = [t.name for t in ctx.tasks]
-        for t in seen:
-            fresh = t in new or every_expert
-            current = (t, t) if fresh else tuple(self.answerer[t].tolist())
-            candidates = {(e, e) for e in (seen if fresh else new)} | {current}
-            if self.options.shared_snapshots:
-                # the task's expert with the newest shared expert: a later task may have taught the shared
-                # expert what this one needs
-                candidates.add((current[0], latest))
-            score = self._reassign_scorer(t, ctx)
-            scores = {c: score(c) for c in sorted(candidates)}
-            best = min(scores, key=scores.get)
-            self.answerer[t] = torch.tensor(best if scores[best] < (1 - margin) * scores[current] else current)
-            self.reassign_scores[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in scores.items()}
-        self.reassign_s = time.perf_counter() - started
-
-    @staticmethod
-    def _answer_name(answer: tuple[int, int], names: list[str]) -> str:
-        expert, shared = answer
-        return names[expert] if expert == shared else f"{names[expert]} with {names[shared]}'s shared"
-
     def checkpoint_state(self, model):
         return {**super().checkpoint_state(model), ANSWERER: self.answerer.clone()}
 
@@ -485,10 +356,16 @@ class MoECL(LocatorHooks, Method):
             out["reassign_s"] = self.reassign_s
         return out
 
-    def answerers(self) -> dict[str, str]:
-        names = [t.name for t in self.tasks]
-        return {names[t]: self._answer_name(tuple(a.tolist()), names) for t, a in enumerate(self.answerer)
-                if t < self.tasks_with_experts}
+    def refit(self, ctx, changed):
+        super().refit(ctx, changed)  # the locator, for changed locator options
+        if any(name.startswith("reassign") for name in changed) and self.options.reassign_examples:
+            self.reassign(len(ctx.stages) - 1, ctx, every_expert=True)
+
+    def eval_record(self):
+        if not self.options.reassign_examples:
+            return {}
+        return {"answerer": self.answerers(), "reassign_by": self.options.reassign_by,
+                "reassign_scores": self.reassign_scores}
 
     def extra_metrics(self):
         out = {"variant": self.options.variant, "mixing": self.options.mixing, "gate": self.options.gate,

@@ -1,0 +1,168 @@
+"""The training loop of one stage, top to bottom: batches, optimizer and schedule, then for each step the
+forward pass under the method's batch routing, the task loss plus the method's loss terms, backward, clipping,
+the update, the step log and (every `checkpoint_every` updates) the step state a resume continues from."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from evolora import runfolder
+from evolora.data.batching import collate_train, length_grouped_batches
+from evolora.data.prompting import Encoded
+from evolora.engine.context import RunContext
+from evolora.engine.state import restore_step_state, save_step_state
+from evolora.errors import EvoloraError
+from evolora.methods import Method, StepInputs
+from evolora.models import answer_loss
+
+
+class StepLog:
+    def __init__(self, run_dir: Optional[Path], tensorboard: bool):
+        self.path = run_dir / runfolder.STEPS if run_dir else None
+        self.writer = None
+        if run_dir and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / runfolder.TENSORBOARD))
+            except ImportError:
+                pass
+
+    def write(self, record: dict, global_step: int) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("stage", "step"):
+                    self.writer.add_scalar(f"train/{key}", value, global_step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+class Interrupted(EvoloraError):
+    """Ctrl-C during training: the step state was saved and the run can be resumed."""
+
+
+def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Encoded], step_log: StepLog,
+                global_step: int, resume: Optional[dict] = None) -> dict:
+    """Trains one stage. `resume` is a saved step state of this stage: training continues after it."""
+    cfg = ctx.config.train
+    model, accelerator = ctx.model, ctx.accelerator
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise EvoloraError(f"method {method.name}: nothing to train at stage {stage}")
+    for p in params:  # master weights in fp32; autocast runs the matmuls in the model's dtype
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    from transformers import get_scheduler
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches: list[list[Encoded]] = []
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_batches = max(1, round(batches_per_epoch * cfg.epochs))
+    epoch = 0
+    while len(batches) < total_batches:
+        batches.extend(length_grouped_batches(examples, cfg.batch_size, seed=cfg.seed * 1000 + stage * 97 + epoch))
+        epoch += 1
+    batches = batches[:total_batches]
+    if world > 1:  # every rank takes its share; equal counts keep the collectives in step
+        per_rank = max(1, len(batches) // world)
+        batches = batches[rank::world][:per_rank]
+    total_updates = math.ceil(len(batches) / cfg.grad_accum)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
+                              num_training_steps=total_updates)
+    # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
+    # together (DDP, FSDP or DeepSpeed, as `accelerate launch` configured) at every stage, since methods
+    # may have added parameters since the last one.
+    if world > 1:
+        train_model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        train_model, optimizer = model, accelerator.prepare_optimizer(optimizer)
+    first_step = 0
+    if resume is not None:
+        restore_step_state(ctx.run_dir, resume, model, optimizer, scheduler)
+        first_step = resume["step"] + 1
+    pad_id = ctx.tokenizer.pad_token_id
+    names = ", ".join(ctx.tasks[i].name for i in ctx.stages[stage])
+    every = cfg.checkpoint_every
+    is_main = accelerator.is_main_process
+
+    def save_state(step: int) -> None:
+        if is_main and ctx.run_dir is not None:
+            save_step_state(ctx.run_dir, stage, step, model, optimizer, scheduler, {"global_step": global_step + step})
+
+    from tqdm.auto import tqdm
+
+    train_model.train()
+    tokens, started, running, last_synced = 0, time.perf_counter(), None, first_step - 1
+    bar = tqdm(total=len(batches), initial=first_step, desc=f"stage {stage + 1}/{len(ctx.stages)} [{names}]",
+               leave=False, disable=None if is_main else True)
+    try:
+        for step in range(first_step, len(batches)):
+            host_batch = collate_train(batches[step], pad_id)
+            batch = host_batch.to(ctx.device)
+            sync = (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(train_model):
+                with accelerator.autocast():
+                    with method.batch_route(host_batch.task_ids):  # routing reads the ids without waiting on the GPU
+                        outputs = train_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                              position_ids=batch.position_ids,
+                                              logits_to_keep=batch.labels.shape[1] + 1,
+                                              output_hidden_states=method.needs_hidden_states)
+                    task_loss = answer_loss(outputs.logits, batch.labels)
+                    terms = method.loss_terms(StepInputs(batch, outputs, task_loss, stage, train_model), ctx)
+                    loss = task_loss + sum(terms.values()) if terms else task_loss
+                if not torch.isfinite(loss):
+                    raise EvoloraError(f"loss is {loss.item()} at stage {stage + 1} ({names}), step {step}: stopped; "
+                                       "the last good checkpoint is kept (lower train.lr or check the data)")
+                accelerator.backward(loss / cfg.grad_accum)
+            if sync:
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                last_synced = step
+            tokens += batch.n_tokens
+            value = loss.item()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            if is_main and (step % cfg.log_every == 0 or step == len(batches) - 1):
+                record = {"stage": stage, "step": step, "loss": value, "task_loss": task_loss.item(),
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed}
+                record.update({k: v.item() for k, v in terms.items()})
+                step_log.write(record, global_step + step)
+            if every and sync and (step + 1) % every == 0 and step < len(batches) - 1:
+                save_state(step)
+    except KeyboardInterrupt:
+        bar.close()
+        if last_synced >= first_step:
+            save_state(last_synced)
+            raise Interrupted(f"interrupted at stage {stage + 1} ({names}), step {last_synced}: state saved in "
+                              f"{ctx.run_dir}; continue with --resume {ctx.run_dir}") from None
+        raise Interrupted(f"interrupted at stage {stage + 1} ({names}); continue with --resume {ctx.run_dir}") \
+            from None
+    bar.close()
+    model.eval()
+    ctx.model = model
+    del train_model
+    accelerator.free_memory()
+    seconds = time.perf_counter() - started
+    return {"steps": len(batches), "updates": total_updates, "tokens": tokens * world, "seconds": seconds,
+            "tokens_per_s": tokens * world / seconds if seconds else 0.0, "final_loss": running,
+            **({"resumed_at_step": first_step} if first_step else {})}

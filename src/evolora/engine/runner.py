@@ -1,0 +1,281 @@
+"""The run, top to bottom: load the stream and the model, let the method shape the model, evaluate
+zero-shot, then for each stage: grow -> before_task -> train -> after_task -> checkpoint -> evaluate.
+The loop calls the method's declared hooks and never names a method."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from evolora import atomic, runfolder
+from evolora.config import RunConfig, dump_config
+from evolora.engine.checkpoints import (check_resume_config, checkpoint_path, drop_superseded_checkpoint,
+                                        load_checkpoint, save_checkpoint, trim_step_log)
+from evolora.engine.context import RunContext, build_context, count_parameters
+from evolora.engine.loop import StepLog, train_stage
+from evolora.engine.scoring import (evaluate_located_final, evaluate_row, general_knowledge, general_perplexity,
+                                    tasks_to_evaluate, write_predictions, zero_shot_row)
+from evolora.engine.state import clear_step_state, guarded_write, read_progress, read_step_state, write_progress
+from evolora.errors import EvoloraError
+from evolora.methods import Method, validate_method_options
+from evolora.metrics import compute_metrics
+from evolora.models import bf16_products
+from evolora.report import predictions_path
+from evolora.runfolder import RunLock
+
+
+def check_gpus_per_node(config: RunConfig) -> None:
+    """Each process of a launch on GPUs takes its own GPU; more processes per node than GPUs would fail
+    deep inside CUDA."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_node > 1 and config.model.device != "cpu" and torch.cuda.is_available() \
+            and per_node > torch.cuda.device_count():
+        raise EvoloraError(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s): launch at most "
+                           f"{torch.cuda.device_count()} (--nproc_per_node / --num_processes), or set model.device: cpu")
+
+
+def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
+        resume: bool = False) -> dict:
+    """A whole continual run. With `resume`, continues the run folder from its last completed stage or
+    its last step state."""
+    from accelerate import PartialState
+
+    check_gpus_per_node(config)
+    validate_method_options(config.method)  # before anything is read or written
+    # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
+    dist = PartialState(cpu=config.model.device == "cpu" or not torch.cuda.is_available())
+    is_main = dist.is_main_process
+    say = log if is_main else (lambda _: None)
+    run_dir = Path(run_dir) if run_dir else config.run_dir()
+    if resume and not (run_dir / runfolder.CONFIG).is_file():
+        raise EvoloraError(f"{run_dir}: nothing to resume (no {runfolder.CONFIG})")
+    created = not run_dir.exists()
+    if is_main:
+        if not resume:
+            runfolder.check_replaceable(run_dir, config.output.overwrite)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvoloraError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
+    try:
+        return _run_in_folder(config, run_dir, say, resume, is_main, dist)
+    except BaseException:
+        if is_main and created and not runfolder.is_marked(run_dir):  # failed before it began: leave no trace
+            (run_dir / runfolder.LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+
+
+def _run_in_folder(config: RunConfig, run_dir: Path, say, resume: bool, is_main: bool, dist) -> dict:
+    dist.wait_for_everyone()
+    with RunLock(run_dir) if is_main else contextlib.nullcontext():
+        if resume:
+            check_resume_config(config, run_dir)
+            progress = read_progress(run_dir) or {}
+        else:
+            if is_main:  # again under the lock; the folder is cleared only once the stream and model have loaded
+                runfolder.check_replaceable(run_dir, config.output.overwrite)
+            progress = {}
+        dist.wait_for_everyone()
+        with bf16_products(config.model):
+            return _run_locked(config, run_dir, say, progress, is_main, fresh=not resume)
+
+
+def _start_fresh(config: RunConfig, run_dir: Path) -> None:
+    """A new run's folder: what an earlier run wrote there goes (the folder was checked to hold only that),
+    then the marker and the config. Called once the stream, model and method have been built."""
+    runfolder.clear(run_dir)
+    runfolder.mark(run_dir, config.name)
+    path = run_dir / runfolder.CONFIG
+    guarded_write(path, lambda: atomic.write_text(path, dump_config(config)))
+
+
+def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: bool, fresh: bool = False) -> dict:
+    started = time.perf_counter()
+    timings: dict[str, Any] = dict(progress.get("timings", {}))
+    zero_shot = progress.get("zero_shot")
+    general_ppl: list[float] = list(progress.get("general_ppl", []))
+    knowledge: list[dict] = list(progress.get("knowledge", []))
+    locate_record: Optional[dict] = progress.get("locate")
+
+    def evaluate_zero_shot(ctx: RunContext) -> None:
+        nonlocal zero_shot
+        names = [t.name for t in ctx.tasks]
+        log(f"{config.method.name} on {len(names)} tasks: {' -> '.join(names)} ({sum(len(t.train) for t in ctx.tasks)}"
+            f" train / {sum(len(t.test) for t in ctx.tasks)} test examples)")
+        if config.eval.zero_shot and zero_shot is None:
+            t0 = time.perf_counter()
+            zero_shot = zero_shot_row(ctx)
+            timings["zero_shot_eval_s"] = time.perf_counter() - t0
+        if zero_shot is not None:
+            log("zero-shot: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, zero_shot)))
+        if config.eval.general_text and not general_ppl:
+            general_ppl.append(general_perplexity(ctx, Method(), None))
+        if general_ppl:
+            log(f"general-text perplexity of the base model: {general_ppl[0]:.2f}")
+        if config.eval.general_tasks and not knowledge:
+            knowledge.append(general_knowledge(ctx, Method(), None))
+        if knowledge:
+            log(f"general knowledge of the base model: {knowledge[0]['mean']:.1f} % ({config.eval.choice_norm} norm)")
+
+    ctx, method = build_context(config, run_dir, log, before_setup=evaluate_zero_shot)
+    if fresh:
+        if is_main:
+            _start_fresh(config, run_dir)
+        ctx.accelerator.wait_for_everyone()
+    names = [t.name for t in ctx.tasks]
+    R: list[list[Optional[float]]] = list(progress.get("R", []))
+    stage_records: list[dict] = list(progress.get("stages", []))
+    checksums: dict[str, str] = dict(progress.get("checkpoints", {}))
+    global_step = progress.get("global_step", 0)
+    completed = len(R)
+    previous_s = timings.get("total_s", 0.0)
+
+    # A stage whose training finished and whose checkpoint was saved, but whose evaluation did not: resume
+    # loads that checkpoint and redoes only the evaluation.
+    trained: Optional[dict] = progress.get("trained")
+    if trained is not None and (trained["stage"] != completed
+                                or not checkpoint_path(run_dir, completed).is_file()):
+        trained = None
+    loaded = completed + (trained is not None)
+    if loaded:  # rebuild the structure of the finished stages, then load the last one's tensors
+        for stage in range(loaded):
+            method.grow(stage, ctx)
+        path = checkpoint_path(run_dir, loaded - 1)
+        load_checkpoint(ctx, method, path, checksums.get(path.name))
+        log(f"resumed after stage {completed}/{len(ctx.stages)}"
+            + (f"; stage {loaded} was trained and is evaluated now" if trained else ""))
+    step_state = read_step_state(run_dir)
+    step_log = StepLog(run_dir if is_main else None, config.output.tensorboard)
+    if step_log.path and step_log.path.is_file():
+        trim_step_log(step_log.path, loaded, step_state)
+
+    def save_progress(complete: bool) -> dict:
+        timings["total_s"] = previous_s + time.perf_counter() - started
+        record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
+                                 general_ppl, knowledge)
+        record["locate"] = locate_record
+        if is_main:
+            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "knowledge": knowledge,
+                                     "locate": locate_record,
+                                     "R": R, "stages": stage_records, "trained": trained,
+                                     "checkpoints": checksums, "global_step": global_step, "timings": timings})
+            guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
+        return record
+
+    continual = all(len(s) == 1 for s in ctx.stages)
+    for stage in range(completed, len(ctx.stages)):
+        task_indices = ctx.stages[stage]
+        if trained is not None and trained["stage"] == stage:
+            train_stats = trained["train"]
+        else:
+            method.grow(stage, ctx)
+            method.before_task(stage, ctx)
+            examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
+            examples = method.training_examples(stage, examples, ctx)
+            resume_from = step_state if step_state and step_state["stage"] == stage else None
+            if resume_from:
+                log(f"resuming stage {stage + 1} after step {resume_from['step']}")
+            train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
+            global_step += train_stats["steps"]
+            method.after_task(stage, ctx)
+            figures = method.stage_metrics(stage)
+            if figures:
+                train_stats["method"] = figures
+            if is_main:
+                path = checkpoint_path(run_dir, stage)
+                checksums[path.name] = save_checkpoint(ctx, method, stage)
+            trained = {"stage": stage, "train": train_stats}
+            save_progress(complete=False)
+            if is_main:
+                clear_step_state(run_dir)
+                drop_superseded_checkpoint(ctx, stage)
+        step_state = None
+
+        t0 = time.perf_counter()
+        policy = config.eval.future_tasks if continual else "all"
+        row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
+                                 config.eval.task_id)
+        if config.eval.save_predictions:
+            write_predictions(ctx, predictions_path(run_dir, f"stage-{stage + 1:02d}"), info["predictions"],
+                              f"stage-{stage + 1:02d}")
+        ppl = general_perplexity(ctx, method, max(task_indices))
+        last = stage == len(ctx.stages) - 1
+        known = general_knowledge(ctx, method, max(task_indices)) \
+            if config.eval.knowledge_every_stage or last else None
+        if known is not None:
+            knowledge.append(known)
+        eval_s = time.perf_counter() - t0
+        if ppl is not None:
+            general_ppl.append(ppl)
+        R.append(row)
+        stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s,
+                              **({"locator": info["locator"]} if info["locator"] else {})})
+        trained = None
+        save_progress(complete=False)
+        log(f"stage {stage + 1}/{len(ctx.stages)} [{', '.join(names[i] for i in task_indices)}]: "
+            f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
+            f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
+            + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None)
+            + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else "")
+            + (f" | knowledge {known['mean']:.1f} ({known['mean'] - knowledge[0]['mean']:+.1f})" if known else ""))
+    step_log.close()
+    if (locate_record is None and method.has_locator and config.eval.locate_final
+            and config.eval.task_id == "oracle"):
+        t0 = time.perf_counter()
+        locate_record = evaluate_located_final(
+            ctx, method, predictions_path(run_dir, "final-located") if config.eval.save_predictions else None)
+        timings["locate_eval_s"] = time.perf_counter() - t0
+        log(f"final model with located task ids: AP {locate_record['AP']:.1f}, locator accuracy "
+            + ", ".join(f"{k} {v:.1f} %" for k, v in locate_record["locator_by_kind"].items()))
+    record = save_progress(complete=True)
+    if is_main:
+        from evolora.report import write_report
+
+        write_report(run_dir)
+    return record
+
+
+def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete: bool,
+                    general_ppl: list[float], knowledge: Optional[list[dict]] = None) -> dict:
+    params = count_parameters(ctx.model, method)
+    n_tasks = len(names)
+    continual = all(len(s) == 1 for s in ctx.stages)
+    summary = compute_metrics(R, zero_shot, continual) if complete else {}
+    drift = [100.0 * (p / general_ppl[0] - 1.0) for p in general_ppl[1:]] if general_ppl else []
+    if complete and drift:
+        summary["drift_pct"] = drift[-1]
+    if complete and knowledge and len(knowledge) > 1:
+        summary["knowledge_pts"] = knowledge[-1]["mean"] - knowledge[0]["mean"]
+    forgetting = summary.get("forgetting_per_task") or [None] * n_tasks
+    return {
+        "name": config.name,
+        "method": method.name,
+        "model": config.model.name,
+        "stream": {"name": config.data.stream, "order": config.data.order, "tasks": names},
+        "eval_mode": config.eval.mode,
+        "complete": complete,
+        "R": R,
+        "zero_shot": zero_shot,
+        "metrics": summary,
+        "per_task": {
+            name: {"final": R[-1][j] if R else None, "zero_shot": zero_shot[j] if zero_shot else None,
+                   "forgetting": forgetting[j] if j < n_tasks - 1 and j < len(forgetting) else None}
+            for j, name in enumerate(names)
+        },
+        "general": {"text": config.eval.general_text, "perplexity": general_ppl,
+                    "drift_pct_per_stage": drift} if general_ppl else None,
+        "knowledge": {"tasks": list(config.eval.general_tasks), "norm": config.eval.choice_norm,
+                      "per_stage": knowledge} if knowledge else None,
+        "parameters": {**params, "added_per_task": params["added"] / n_tasks if n_tasks else 0},
+        "stages": stage_records,
+        "timings": {**timings, "train_s": sum(s["train"]["seconds"] for s in stage_records),
+                    "eval_s": sum(s["eval_s"] for s in stage_records) + timings.get("zero_shot_eval_s", 0.0)},
+        "method_metrics": method.extra_metrics(),
+    }

@@ -1,0 +1,233 @@
+"""Scoring during a run: a row of R (task ids given, or found by the method's task locator), the zero-shot
+row (cached on disk), per-example predictions, and general ability (held-out perplexity, general knowledge)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from evolora import atomic
+from evolora.engine.context import RunContext, autocast_dtype
+from evolora.engine.state import guarded_write
+from evolora.errors import EvoloraError
+from evolora.evaluation import evaluate_task
+from evolora.methods import Method
+
+
+def tasks_to_evaluate(policy: str, seen_upto: int, num_tasks: int) -> list[int]:
+    """Seen tasks, plus the future tasks the policy asks for (`next` is enough for FWT)."""
+    last = {"all": num_tasks - 1, "next": min(seen_upto + 1, num_tasks - 1), "none": seen_upto}[policy]
+    return list(range(0, last + 1))
+
+
+def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
+    """Accuracy of the base model on every task, before any method touches it. Cached on disk by
+    everything it depends on, so the runs of a suite share it."""
+    import hashlib
+
+    from evolora import __version__
+    from evolora.models import cache_dir
+
+    probe = [ctx.prompts.encode_prompt(t, t.test[0], i).input_ids + ctx.prompts.answer_ids(t.test[0].output)
+             for i, t in enumerate(ctx.tasks)]  # catches prompt-format, tokenizer and data changes
+    probe_hash = hashlib.sha256(json.dumps([probe, [len(t.test) for t in ctx.tasks]]).encode()).hexdigest()
+    key_source = json.dumps({"model": ctx.config.model.model_dump(), "data": ctx.config.data.model_dump(),
+                             "probe": probe_hash,
+                             "eval": ctx.config.eval.model_dump(exclude={"future_tasks", "zero_shot", "general_text",
+                                                                         "general_texts", "general_max_tokens",
+                                                                         "task_id", "locate_final"}),
+                             "autocast": autocast_dtype(ctx.config, ctx.model), "version": __version__},
+                            sort_keys=True)
+    path = cache_dir() / "zero_shot" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:20]}.json"
+    row = None
+    if ctx.accelerator.is_main_process and path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            row = cached["row"] if cached.get("key") == key_source else None
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            row = None
+    if ctx.accelerator.num_processes > 1:  # every rank must take the same branch
+        from accelerate.utils import broadcast_object_list
+
+        row = broadcast_object_list([row])[0]
+    if row is None:
+        row, _ = evaluate_row(ctx, Method(), list(range(len(ctx.tasks))))
+        if ctx.accelerator.is_main_process:
+            atomic.write_json(path, {"key": key_source, "row": row})
+    return row
+
+
+def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
+                 task_id: str = "oracle") -> tuple[list, dict]:
+    """Accuracy on the given tasks, with the task id given (`oracle`) or found by the method's task
+    locator (`locate`). With several processes each evaluates a shard of every test set and the counts are
+    summed. Returns the row and {"predictions": ..., "locator": {task: located-correctly %}}."""
+    cfg = ctx.config.eval
+    accelerator = ctx.accelerator
+    shard = (accelerator.process_index, accelerator.num_processes)
+    if task_id == "locate" and not method.has_locator:
+        raise EvoloraError(f"eval.task_id: locate needs a method with a task locator; {method.name} has none")
+    row: list[Optional[float]] = [None] * len(ctx.tasks)
+    predictions = {}
+    counts = torch.zeros(len(ctx.tasks), 3, dtype=torch.long)  # correct, total, located correctly
+    ctx.model.eval()
+    from tqdm.auto import tqdm
+
+    # per task, not per batch: a bar (shown on a terminal only) for evaluations that can take minutes
+    tasks_bar = tqdm(task_indices, desc="evaluating", leave=False, disable=None if accelerator.is_main_process else True)
+    with accelerator.autocast():
+        for j in tasks_bar:
+            tasks_bar.set_postfix_str(ctx.tasks[j].name)
+            if task_id == "locate":
+                result, located = _evaluate_located(ctx, method, j, shard)
+            else:
+                with method.route(j):
+                    result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
+                                           cfg.batch_size, cfg.max_new_tokens, shard=shard,
+                                           choice_norm=cfg.choice_norm)
+                located = 0
+            counts[j] = torch.tensor([result.correct, result.total, located])
+            predictions[ctx.tasks[j].name] = result.predictions
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    for j in task_indices:
+        row[j] = 100.0 * counts[j, 0].item() / counts[j, 1].item()
+    locator = {ctx.tasks[j].name: 100.0 * counts[j, 2].item() / counts[j, 1].item() for j in task_indices} \
+        if task_id == "locate" else {}
+    return row, {"predictions": predictions, "locator": locator}
+
+
+def write_predictions(ctx: RunContext, path: Path, predictions: dict[str, list], label: str) -> None:
+    """One JSON line per evaluated test example: `label` (the stage or evaluation it belongs to), task,
+    index in the task's test set, input, gold answer, prediction, correct. Each process holds the
+    predictions of its shard (examples rank::world); they are gathered and the main process writes."""
+    world = ctx.accelerator.num_processes
+    parts = [predictions]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([predictions])
+    if not ctx.accelerator.is_main_process:
+        return
+    lines = []
+    for task in ctx.tasks:
+        if task.name not in predictions:
+            continue
+        merged: list = [None] * len(task.test)
+        for rank, part in enumerate(parts):
+            merged[rank::world] = part[task.name]
+        for index, (example, prediction) in enumerate(zip(task.test, merged)):
+            gold = example.output.strip()
+            lines.append(json.dumps({"eval": label, "task": task.name, "index": index, "input": example.input,
+                                     "gold": gold, "prediction": prediction, "correct": prediction == gold},
+                                    ensure_ascii=False))
+    guarded_write(path, lambda: atomic.write_text(path, "".join(line + "\n" for line in lines)))
+
+
+def evaluate_located_final(ctx: RunContext, method: Method, write_to: Optional[Path] = None) -> dict:
+    """The final model on every task with located task ids, and the locator's accuracy for each kind of
+    density model it has (they share the cached features). With `write_to`, each example's prediction is
+    written there."""
+    every = list(range(len(ctx.tasks)))
+    row, info = evaluate_row(ctx, method, every, "locate")
+    if write_to is not None:
+        write_predictions(ctx, write_to, info["predictions"], "final-located")
+    sizes = [len(t.test) for t in ctx.tasks]
+    by_kind = {}
+    shard = (ctx.accelerator.process_index, ctx.accelerator.num_processes)
+    for kind in method.locator_kinds:
+        hits = torch.zeros(len(ctx.tasks), dtype=torch.long)
+        for j in every:
+            prompts = [ctx.prompts.encode_prompt(ctx.tasks[j], ex, j).input_ids
+                       for ex in ctx.tasks[j].test[shard[0]::shard[1]]]
+            hits[j] = sum(x == j for x in method.locate(ctx, ("test", j, shard), prompts, kind))
+        if ctx.accelerator.num_processes > 1:
+            hits = ctx.accelerator.reduce(hits.to(ctx.accelerator.device), reduction="sum").cpu()
+        by_kind[kind] = 100.0 * hits.sum().item() / sum(sizes)
+    overall = sum(info["locator"][t.name] * n for t, n in zip(ctx.tasks, sizes)) / sum(sizes)
+    return {"R_final": row, "AP": sum(row) / len(row), "locator": overall, "locator_per_task": info["locator"],
+            "locator_kind": method.locator_kind, "locator_by_kind": by_kind}
+
+
+def _evaluate_located(ctx: RunContext, method: Method, j: int, shard: tuple[int, int]):
+    """Task j's test examples, each routed to the task the locator finds for it."""
+    import dataclasses
+
+    from evolora.evaluation import TaskResult
+
+    cfg = ctx.config.eval
+    task = ctx.tasks[j]
+    examples = task.test[shard[0]::shard[1]]
+    prompts = [ctx.prompts.encode_prompt(task, ex, j).input_ids for ex in examples]
+    located = method.locate(ctx, ("test", j, shard), prompts)
+    predictions: list[Optional[str]] = [None] * len(examples)
+    correct = 0
+    for t in sorted(set(located)):
+        members = [i for i, x in enumerate(located) if x == t]
+        subset = dataclasses.replace(task, test=[examples[i] for i in members])
+        with method.route(t):
+            part = evaluate_task(ctx.model, subset, j, ctx.prompts, ctx.device, cfg.mode, cfg.batch_size,
+                                 cfg.max_new_tokens, choice_norm=cfg.choice_norm)
+        correct += part.correct
+        for i, p in zip(members, part.predictions):
+            predictions[i] = p
+    return TaskResult(correct, len(examples), predictions), sum(x == j for x in located)
+
+
+def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[float]:
+    """Perplexity of the held-out general text (eval.general_text), or None when none is configured. The
+    method routes as for `route_task` (general text has no task: the latest task's route is used)."""
+    cfg = ctx.config.eval
+    if not cfg.general_text:
+        return None
+    if ctx.general_sequences is None:
+        from evolora.data.general import encode_texts, read_texts
+
+        texts = read_texts(cfg.general_text, cfg.general_texts)
+        ctx.general_sequences = encode_texts(ctx.tokenizer, texts, cfg.general_max_tokens)
+    from evolora.evaluation import perplexity
+
+    accelerator = ctx.accelerator
+    ctx.model.eval()
+    with accelerator.autocast(), method.route(route_task):
+        result = perplexity(ctx.model, ctx.general_sequences, ctx.tokenizer.pad_token_id, ctx.device,
+                            batch_size=max(1, cfg.batch_size // 2),
+                            shard=(accelerator.process_index, accelerator.num_processes))
+    if accelerator.num_processes > 1:
+        totals = torch.tensor([result.nll_sum, float(result.tokens)], dtype=torch.float64)
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
+    return result.value
+
+
+def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[dict]:
+    """Accuracy on the multiple-choice general-knowledge tasks (eval.general_tasks), never trained on, routed as
+    `general_perplexity` routes: {task: {acc, acc_norm, n}} and `mean` (by eval.choice_norm), or None."""
+    cfg = ctx.config.eval
+    if not cfg.general_tasks:
+        return None
+    if ctx.knowledge_tasks is None:
+        from evolora.data.readers import read_choice_task
+
+        ctx.knowledge_tasks = [read_choice_task(Path(folder)) for folder in cfg.general_tasks]
+    from evolora.evaluation import evaluate_choices
+
+    accelerator = ctx.accelerator
+    ctx.model.eval()
+    out: dict[str, Any] = {"tasks": {}}
+    with accelerator.autocast(), method.route(route_task):
+        for task in ctx.knowledge_tasks:
+            r = evaluate_choices(ctx.model, task, -1, ctx.prompts, ctx.device, cfg.batch_size, cfg.choice_norm,
+                                 plain=True, shard=(accelerator.process_index, accelerator.num_processes))
+            counts = torch.tensor([r.correct, r.correct_norm, r.total], dtype=torch.float64)
+            if accelerator.num_processes > 1:
+                counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+            correct, correct_norm, total = counts.tolist()
+            out["tasks"][task.name] = {"acc": 100.0 * correct / total, "acc_norm": 100.0 * correct_norm / total,
+                                       "n": int(total)}
+    key = "acc_norm" if cfg.choice_norm == "tokens" else "acc"
+    out["mean"] = sum(t[key] for t in out["tasks"].values()) / len(out["tasks"])
+    return out

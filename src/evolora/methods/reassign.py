@@ -1,0 +1,109 @@
+"""Reassignment of answering experts (evolora's, not in the MoE-CL paper): after each stage every seen task is
+answered by the expert (with its gate, and a shared snapshot) that does best on a few of the task's labelled
+examples (its dev split when the stream has one), by answer loss or by error rate scored as evaluation scores
+(`reassign_by: accuracy`). A task moves only when the score falls by more than `reassign_margin`.
+
+A mixin for an expert method that provides `options` (reassign_examples, reassign_by, reassign_margin, seed,
+shared_snapshots), `model`, `experts`, `tasks`, `tasks_with_experts`, `answerer` (per task: the task whose
+expert answers it and the task whose shared snapshot does) and `_use_expert(task, shared_of)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import torch
+
+from evolora.data.prompting import Encoded
+from evolora.data.tasks import Example, Task
+
+
+class ReassignHooks:
+    def _labelled_memory(self, task_index: int, ctx) -> list[Example]:
+        """Up to `reassign_examples` of the task's dev examples, or of its train examples without a dev split."""
+        task = ctx.tasks[task_index]
+        return self._sample_raw(task, task.dev or task.train, self.options.reassign_examples, "reassign")
+
+    def _sample_raw(self, task: Task, pool: list[Example], count: int, purpose: str) -> list[Example]:
+        """`count` examples of `pool` (or all), drawn the same way every run."""
+        rng = random.Random(f"moe_cl-{purpose}:{self.options.seed}:{task.name}")
+        return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(count, len(pool))))]
+
+    def _reassign_scorer(self, task_index: int, ctx):
+        """What reassignment minimises for the task, as a function of its answerer (`reassign_by`), on its
+        kept examples."""
+        examples = self._labelled_memory(task_index, ctx)
+        if self.options.reassign_by == "accuracy":
+            return lambda answer: self._answer_error(task_index, examples, answer, ctx)
+        task = ctx.tasks[task_index]
+        encoded = [ctx.prompts.encode_train(task, ex, task_index) for ex in examples]
+        return lambda answer: self._answer_loss(encoded, answer, ctx)
+
+    @torch.no_grad()
+    def _answer_error(self, task_index: int, examples: list[Example], answer: tuple[int, int], ctx) -> float:
+        """Error rate (0-1) on the examples answered by `answer`, scored as evaluation scores test examples."""
+        from evolora.evaluation import evaluate_task
+
+        cfg = ctx.config.eval
+        self.model.eval()
+        with ctx.accelerator.autocast(), self._use_expert(*answer):
+            result = evaluate_task(self.model, dataclasses.replace(ctx.tasks[task_index], test=examples), task_index,
+                                   ctx.prompts, ctx.device, cfg.mode, cfg.batch_size, cfg.max_new_tokens,
+                                   choice_norm=cfg.choice_norm)
+        self.experts.clear()
+        return 1.0 - result.correct / result.total
+
+    @torch.no_grad()
+    def _answer_loss(self, examples: list[Encoded], answer: tuple[int, int], ctx) -> float:
+        """Mean answer loss of the examples answered by `answer`: (task whose expert and gate, task whose
+        shared snapshot)."""
+        from evolora.data.batching import collate_train
+        from evolora.models import answer_loss
+
+        self.model.eval()
+        size = ctx.config.eval.batch_size
+        total = 0.0
+        with ctx.accelerator.autocast(), self._use_expert(*answer):
+            for start in range(0, len(examples), size):
+                part = examples[start:start + size]
+                batch = collate_train(part, ctx.tokenizer.pad_token_id).to(ctx.device)
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1)
+                total += answer_loss(out.logits, batch.labels).item() * len(part)
+        self.experts.clear()
+        return total / len(examples)
+
+    def reassign(self, stage: int, ctx, every_expert: bool = False) -> None:
+        """Chooses the answerer of every task seen up to `stage` (module docstring); `every_expert` compares
+        all experts for every task (a finished run re-evaluated with reassignment switched on)."""
+        started = time.perf_counter()
+        seen = sorted({t for s in range(stage + 1) for t in ctx.stages[s]})
+        new = sorted(ctx.stages[stage])
+        latest = new[-1]  # its snapshot is the shared expert as it is now
+        margin = self.options.reassign_margin
+        names = [t.name for t in ctx.tasks]
+        for t in seen:
+            fresh = t in new or every_expert
+            current = (t, t) if fresh else tuple(self.answerer[t].tolist())
+            candidates = {(e, e) for e in (seen if fresh else new)} | {current}
+            if self.options.shared_snapshots:
+                # the task's expert with the newest shared expert: a later task may have taught the shared
+                # expert what this one needs
+                candidates.add((current[0], latest))
+            score = self._reassign_scorer(t, ctx)
+            scores = {c: score(c) for c in sorted(candidates)}
+            best = min(scores, key=scores.get)
+            self.answerer[t] = torch.tensor(best if scores[best] < (1 - margin) * scores[current] else current)
+            self.reassign_scores[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in scores.items()}
+        self.reassign_s = time.perf_counter() - started
+
+    @staticmethod
+    def _answer_name(answer: tuple[int, int], names: list[str]) -> str:
+        expert, shared = answer
+        return names[expert] if expert == shared else f"{names[expert]} with {names[shared]}'s shared"
+
+    def answerers(self) -> dict[str, str]:
+        names = [t.name for t in self.tasks]
+        return {names[t]: self._answer_name(tuple(a.tolist()), names) for t, a in enumerate(self.answerer)
+                if t < self.tasks_with_experts}

@@ -1,0 +1,128 @@
+"""`evolora compare`: finished runs side by side (table, JSON, plots) and, where their per-example predictions
+allow, each run's AP against the first run's by a paired bootstrap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from evolora import atomic
+from evolora.report.tables import COLUMNS, table_rows
+
+
+def _paired_against_first(predictions: list[Optional[dict]]) -> dict[int, dict]:
+    """Paired bootstrap of AP, each run (by position) against the first, where both were evaluated on the
+    same examples."""
+    from evolora.metrics import paired_ap_bootstrap
+
+    reference = predictions[0]
+    paired = {}
+    for index, mine in enumerate(predictions[1:], 1):
+        if reference is None or mine is None:
+            continue
+        try:
+            paired[index] = paired_ap_bootstrap(reference, mine)
+        except ValueError:
+            continue  # different tasks or test sets: nothing to pair
+    return paired
+
+
+def _paired_table(labels: list[str], paired: dict[int, dict]) -> str:
+    if not paired:
+        return ""
+    samples = next(iter(paired.values()))["samples"]
+    lines = [f"\nAP against {labels[0]}, final models on the same test examples (paired bootstrap, "
+             f"{samples} resamples):\n\n| run | ΔAP | 95 % interval | ahead in |\n|---|---|---|---|\n"]
+    for index, p in paired.items():
+        lines.append(f"| {labels[index]} | {p['delta_AP']:+.1f} | {p['low']:+.1f} … {p['high']:+.1f} | "
+                     f"{100 * p['ahead']:.0f} % |\n")
+    return "".join(lines)
+
+
+def compare(metrics_list: list[dict], out_dir: Path,
+            final_predictions: Optional[list[Optional[dict]]] = None) -> dict[str, Path]:
+    """Comparison table (Markdown + JSON) and plots (AP/BWT/FWT bars, R heatmaps side by side). With the
+    runs' final per-example correctness (`final_predictions`, one entry per run, None where a run has
+    none), each run's AP is also compared with the first run's by a paired bootstrap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [m.get("bench", {}).get("label") or m["name"] for m in metrics_list]
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
+    body = "".join("| " + " | ".join([label + row[0][len(m.get("bench", {}).get("label") or m["method"]):]] + row[1:])
+                   + " |\n" for label, m in zip(labels, metrics_list) for row in table_rows(m))
+    paths = {"markdown": out_dir / "comparison.md", "json": out_dir / "comparison.json",
+             "bars": out_dir / "metrics_bars.png", "heatmaps": out_dir / "R_heatmaps.png"}
+    paired = _paired_against_first(final_predictions) if final_predictions else {}
+    atomic.write_text(paths["markdown"], header + body + _paired_table(labels, paired))
+    atomic.write_json(paths["json"], [{"label": label, "metrics": m.get("metrics", {}), "R": m["R"],
+                                       "zero_shot": m.get("zero_shot"), "parameters": m.get("parameters"),
+                                       "timings": m.get("timings"),
+                                       **({"paired_vs_first": paired[i]} if i in paired else {})}
+                                      for i, (label, m) in enumerate(zip(labels, metrics_list))])
+
+    keys = ["AP", "BWT", "FWT"]
+    width = 0.8 / len(keys)
+    x = np.arange(len(labels))
+    horizontal = len(labels) > 10  # a long suite: one row per run, read top to bottom like the table
+    if horizontal:
+        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.32 * len(labels)))
+    else:
+        fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(labels), 3.8))
+    for k, key in enumerate(keys):
+        values = [np.nan if v is None else v for v in (m.get("metrics", {}).get(key) for m in metrics_list)]
+        (ax.barh if horizontal else ax.bar)(x + k * width, values, width, label=key)
+    if horizontal:
+        ax.set_yticks(x + width, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.6)
+        ax.set_xlabel("points")
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xticks(x + width, labels, rotation=20, ha="right")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_ylabel("points")
+        ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(paths["bars"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(metrics_list), figsize=(3.2 * len(metrics_list), 3.2), squeeze=False)
+    for ax, label, m in zip(axes[0], labels, metrics_list):
+        data = np.array([[np.nan if v is None else v for v in row] for row in m["R"]], dtype=float)
+        ax.imshow(data, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(m["stream"]["tasks"])), m["stream"]["tasks"], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(m["R"])), [f"after {i + 1}" for i in range(len(m["R"]))], fontsize=7)
+    fig.tight_layout()
+    with atomic.atomic_path(paths["heatmaps"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    drifted = [(label, m["general"]) for label, m in zip(labels, metrics_list) if m.get("general")]
+    if drifted:  # general-text perplexity drift over the stream, one line per run
+        paths["drift"] = out_dir / "general_drift.png"
+        columns = 1 + (len(drifted) - 1) // 16  # a suite of 30 runs: the legend beside the plot, in columns
+        fig, ax = plt.subplots(figsize=(6 + 2.4 * columns, 3.6 + 0.1 * min(len(drifted), 16)))
+        colors = plt.get_cmap("tab20").colors
+        for i, (label, general) in enumerate(drifted):
+            ax.plot(range(len(general["perplexity"])), [0.0] + general["drift_pct_per_stage"], marker="o",
+                    markersize=3, color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3],
+                    label=label)
+        ax.set_xlabel("stage (0 = base model)")
+        ax.set_ylabel("held-out perplexity change (%)")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
+        fig.tight_layout()
+        with atomic.atomic_path(paths["drift"]) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return paths
