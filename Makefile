@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-fast bench
 
 setup:
 	bash scripts/setup.sh
@@ -8,6 +8,10 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+# the suite without the embedded model and without other processes (kill/resume, torchrun): for quick work
+test-fast: setup
+	.venv/bin/python -m pytest -q tests -m "not slow and not process"
 
 bench: setup
 	.venv/bin/evolora bench benchmarks/mtl5_cpu_suite.yaml

@@ -23,7 +23,7 @@ LAYERS = [
     ("evaluation", ["evolora.evaluation", "evolora.metrics", "evolora.report"]),
     ("methods", ["evolora.methods"]),
     ("engine", ["evolora.engine"]),
-    ("recipes", ["evolora.reload", "evolora.bench"]),
+    ("recipes", ["evolora.reload", "evolora.bench", "evolora.export", "evolora.api"]),
     ("cli", ["evolora.cli", "evolora.__main__"]),
 ]
 

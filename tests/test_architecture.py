@@ -62,3 +62,9 @@ def test_a_method_with_add_ons_answers_every_hook_as_its_method_does():
 def test_no_source_file_is_over_400_lines():
     sizes = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 400} == {}
+
+
+def test_the_tests_mirror_the_package():
+    tests = Path(__file__).resolve().parent
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    assert folders and all((SRC / name).is_dir() or (SRC / f"{name}.py").is_file() for name in folders)

@@ -28,7 +28,14 @@ def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
     assert any("running into" in line for line in redo) and not any("skipped" in line or "resum" in line for line in redo)
     assert json.loads(done[0].read_text())["timings"] != first_seq_lora["timings"]  # a new run, not the old file
 
+    # each results file carries its final model's per-example correctness, as the run folder's predictions say
+    kept = json.loads(done[1].read_text())["final_correct"]
+    assert sorted(kept) == sorted(metrics_tasks := json.loads(done[1].read_text())["stream"]["tasks"])
+    assert all(set(bits) <= {"0", "1"} for bits in kept.values())
+    final = json.loads(done[1].read_text())["R"][-1]
+    assert [100.0 * kept[t].count("1") / len(kept[t]) for t in metrics_tasks] == pytest.approx(final)
     table = write_results(all_result_files(tmp_path / "results", tmp_path / "suite.yaml"), tmp_path / "RESULTS.md").read_text()
+    assert "| replay small (1 order) | " in table  # AP against seq_lora, paired
     lines = [x for x in table.splitlines() if x.startswith("|")]
     assert lines[0] == "| method | AP | Avg | BWT | FWT | drift | knowledge | locator | params/task | minutes |"
     assert lines[2].startswith("| seq_lora | ") and lines[3].startswith("| replay small | ")
@@ -150,3 +157,41 @@ def test_eval_precision_reproduces_the_runs_predictions_in_its_dtype_and_compare
     assert table[0].startswith("| task | examples | bfloat16 | fp32 |") and len(table) == 3
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[0] == next(iter(recorded)) and cells[6] == "0"  # run vs re-evaluation in the run's dtype
+
+
+def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
+    """Rows get AP differences against seq_lora, replay and multitask with paired-bootstrap intervals, pooled over
+    the orders both have; a single multitask run stands for every order; located rows are paired too."""
+    import random
+
+    from evolora.metrics import paired_ap_bootstrap
+
+    rng = random.Random(0)
+    bits = {}
+
+    def result(label, order, accuracy, locate=None):
+        correct = {t: "".join("1" if rng.random() < accuracy else "0" for _ in range(40)) for t in ("a", "b")}
+        bits[(label, order)] = correct
+        m = {"method": label, "name": label, "metrics": {"AP": 100 * accuracy}, "R": [[1.0, 1.0], [1.0, 1.0]],
+             "stream": {"name": "mtl5", "order": order, "tasks": ["a", "b"]}, "model": "m", "parameters": {},
+             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label}, "final_correct": correct}
+        if locate is not None:
+            m["locate"] = {"AP": 100 * locate, "locator": 90.0,
+                           "final_correct": {t: "".join("1" if rng.random() < locate else "0" for _ in range(40))
+                                             for t in ("a", "b")}}
+        path = tmp_path / f"{label}-{order}.json"
+        path.write_text(json.dumps(m))
+        return path
+
+    files = [result("seq_lora", o, 0.5) for o in (1, 2)] + [result("multitask", None, 0.8)] + \
+        [result("moe_cl", o, 0.7, locate=0.6) for o in (1, 2)]
+    table = results_markdown(files)
+    assert "| method | vs seq_lora | vs multitask |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| moe_cl (oracle) (2 orders) |"))
+    pooled_ref = {f"{o}:{t}": [c == "1" for c in bits[("seq_lora", o)][t]] for o in (1, 2) for t in ("a", "b")}
+    pooled_me = {f"{o}:{t}": [c == "1" for c in bits[("moe_cl", o)][t]] for o in (1, 2) for t in ("a", "b")}
+    p = paired_ap_bootstrap(pooled_ref, pooled_me)
+    assert row.split(" | ")[1] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+    assert any(line.startswith("| moe_cl (locate) (2 orders) |") for line in table.splitlines())
+    seq_row = [line for line in table.splitlines() if line.startswith("| seq_lora (2 orders) | ")][-1]
+    assert seq_row.split(" | ")[1] == ""  # not against itself

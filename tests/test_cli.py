@@ -36,7 +36,13 @@ def test_run_eval_report(tmp_path, tiny_config):
     for name in ("report.html", "plots/R_heatmap.png", "plots/accuracy_over_time.png", "steps.jsonl",
                  "checkpoints/stage-01.safetensors", "checkpoints/stage-02.safetensors"):
         assert (run_dir / name).is_file(), name
-    assert "data:image/png;base64" in (run_dir / "report.html").read_text()
+    page = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64" in page and (run_dir / "plots" / "training_loss.png").is_file()
+    # the report of record: definitions, n and an interval on AP, the environment, the resolved config
+    assert "backward transfer" in page and "95 % bootstrap interval" in page and "n per task: demo_object 12" in page
+    assert set(metrics["environment"]) >= {"evolora", "torch", "transformers", "peft", "machine"}
+    assert f"transformers {metrics['environment']['transformers']}" in page
+    assert "<h2>Config</h2><pre>name: tiny" in page and "epochs: 2" in page
 
     result = evolora("eval", run_dir)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Optional
@@ -103,11 +102,12 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         if only and entry.name not in only:
             continue
         target = result_path(suite_path, suite, entry, order)
+        run_dir = Path(suite.runs_dir) / suite.name / target.stem
         if target.is_file() and not rerun:
             log(f"[{entry.name}] results exist: {target} (skipped)")
+            _backfill_correctness(target, run_dir)
             done.append(target)
             continue
-        run_dir = Path(suite.runs_dir) / suite.name / target.stem
         overrides = [f"method.name={entry.method}", f"method.addons={json.dumps(entry.addons)}",
                      f"name={suite.name}-{target.stem}",
                      "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
@@ -117,12 +117,48 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         resume = not rerun and can_resume(config, run_dir)
         log(f"[{entry.name}] {'resuming' if resume else 'running into'} {run_dir}")
         metrics = run_stream(config, run_dir, log=lambda m, n=entry.name: log(f"[{n}] {m}"), resume=resume)
+        add_final_correctness(metrics, run_dir)
         metrics["bench"] = {"suite": suite.name, "label": entry.name, "overrides": overrides,
                             "command": " ".join(["evolora", *sys.argv[1:]]) or "evolora bench",
                             "date": datetime.date.today().isoformat(), "machine": machine_description()}
         atomic.write_json(target, metrics)
         done.append(target)
     return done
+
+
+def add_final_correctness(metrics: dict, run_dir: Path) -> None:
+    """The final model's per-example correctness ("0"/"1" per test example, per task) goes into the results file,
+    with task ids given and, for methods with a locator, located: the paired intervals of docs/RESULTS.md need it."""
+    from evolora.report import predictions_path, read_final_predictions
+
+    def bits(correct: dict) -> dict[str, str]:
+        return {task: "".join("1" if c else "0" for c in values) for task, values in correct.items()}
+
+    oracle = read_final_predictions(run_dir, metrics)
+    if oracle:
+        metrics["final_correct"] = bits(oracle)
+    located = predictions_path(run_dir, "final-located")
+    if metrics.get("locate") and located.is_file():
+        correct: dict[str, list[bool]] = {}
+        for line in located.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            correct.setdefault(row["task"], []).append(bool(row["correct"]))
+        metrics["locate"]["final_correct"] = bits(correct)
+
+
+def _backfill_correctness(target: Path, run_dir: Path) -> None:
+    """A results file written before results kept per-example correctness gets it from its own run folder (the
+    folder's metrics.json must give the same R)."""
+    from evolora.runfolder import METRICS, read_json
+
+    metrics = read_json(target, "results file")
+    if "final_correct" in metrics or not (run_dir / METRICS).is_file():
+        return
+    if read_json(run_dir / METRICS, "metrics.json").get("R") != metrics.get("R"):
+        return
+    add_final_correctness(metrics, run_dir)
+    if "final_correct" in metrics:
+        atomic.write_json(target, metrics)
 
 
 def can_resume(config, run_dir: Path) -> bool:
@@ -155,15 +191,9 @@ def _base_for(base: dict, method: str) -> dict:
 
 
 def machine_description() -> str:
-    import os
+    from evolora.models import environment
 
-    import torch
-
-    # The CPU's vector extensions decide bf16 speed (AVX2 alone: bf16 products run in fp32, about 3x slower
-    # than AVX-512's bf16), so minutes from machines of another capability are not comparable.
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"CPU x{os.cpu_count()} {torch.backends.cpu.get_cpu_capability()}"
-    return f"{device}, {platform.machine()}, torch {torch.__version__}"
+    return environment()["machine"]
 
 
 def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> list[Path]:

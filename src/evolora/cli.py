@@ -1,4 +1,4 @@
-"""The command line: run, eval, report, demo. User errors print one line and exit 2."""
+"""The command line: run, eval, predict, export, report, compare, bench, demo. User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -124,6 +124,27 @@ def predict(run_dir: Path = typer.Argument(..., help="A finished run folder."),
         raise EvoloraError("predict: give inputs with --text or --file")
     for row in predict_inputs(run_dir, examples, task, trust_remote_code, allow_pickle):
         _echo(json.dumps(row, ensure_ascii=False) if as_json else f"[{row['task']}] {row['answer']}\t{row['input'][:80]}")
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A finished run folder."),
+           out: Path = typer.Option(..., "--out", help="The folder to write (new, or empty)."),
+           stage: Optional[int] = typer.Option(None, "--stage", help="Export the model after this stage (1-based; "
+                                               "needs output.keep_checkpoints: all). Default: the last."),
+           task: Optional[str] = typer.Option(None, "--task", help="The task whose answer is exported "
+                                              "(per_task_lora: required)."),
+           merge: bool = typer.Option(False, "--merge", help="Merge the adapter into the base weights: a plain "
+                                      "Hugging Face model folder."),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+           allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+           ) -> None:
+    """Write a finished run's model as a PEFT adapter folder (or, with --merge, a plain model folder)."""
+    from evolora.export import export_run
+
+    record = export_run(run_dir, out, stage, task, merge, trust_remote_code, allow_pickle)
+    what = {"adapter": f"PEFT adapter (rank {record.get('rank')}) for {record['base_model']}",
+            "merged": f"{record['base_model']} with the adapter merged", "model": "the fine-tuned model"}[record["form"]]
+    _echo(f"{out}: {what}, {record['method']} after stage {record['stage']}")
 
 
 @app.command()

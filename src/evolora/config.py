@@ -147,6 +147,9 @@ class EvalConfig(_Strict):
     choice_norm: Literal["tokens", "none"] = "tokens"
     """Multiple choice: the summed log-likelihood of each choice divided by its token count (lm-eval's
     acc_norm, by tokens) or not (acc). Both are recorded; this one picks the prediction and the table's figure."""
+    cache: bool = True
+    """Reuse a task's score from an earlier stage while the tensors that answer it are unchanged (methods that
+    declare them: per_task_lora, moe_cl's task experts once frozen); R is the same with it on or off."""
     save_predictions: bool = True
     """Write every evaluated example's prediction to predictions/stage-NN.jsonl in the run folder (and
     predictions/final-located.jsonl for the located evaluation): for error analysis and paired comparisons."""

@@ -100,3 +100,33 @@ def paired_ap_bootstrap(reference: dict[str, list[bool]], other: dict[str, list[
     low, high = np.percentile(deltas, [2.5, 97.5])
     return {"delta_AP": observed * scale, "low": float(low), "high": float(high),
             "ahead": float((deltas > 0).mean()), "samples": samples}
+
+
+def ap_bootstrap(correct: dict[str, list[bool]], samples: int = 2000, seed: int = 0) -> dict:
+    """AP of the final model (mean of per-task accuracy, points) and its 95 % bootstrap interval: each task's
+    test set resampled with replacement `samples` times. `correct` maps task -> per-example correctness."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(samples)
+    observed = 0.0
+    for values in correct.values():
+        x = np.asarray(values, dtype=float)
+        observed += x.mean()
+        draws += x[rng.integers(0, len(x), size=(samples, len(x)))].mean(axis=1)
+    scale = 100.0 / len(correct)
+    low, high = np.percentile(draws * scale, [2.5, 97.5])
+    return {"AP": observed * scale, "low": float(low), "high": float(high), "samples": samples,
+            "n": {task: len(values) for task, values in correct.items()}}
+
+
+DEFINITIONS = {
+    "AP": "average performance: mean accuracy over all tasks after the last stage, (1/T) Σ_j R[T,j]",
+    "Avg": "average incremental accuracy: mean over stages i of the mean accuracy on tasks seen so far",
+    "BWT": "backward transfer: (1/(T-1)) Σ_{j<T} (R[T,j] - R[j,j]); negative means forgetting",
+    "FWT": "forward transfer: (1/(T-1)) Σ_{j>1} (R[j-1,j] - zero-shot_j), accuracy on a task before training on it",
+    "forgetting": "mean over old tasks of (best accuracy at any earlier stage - final accuracy)",
+    "drift": "held-out general-text perplexity change after the last stage vs the base model (%)",
+    "knowledge": "general-knowledge multiple-choice accuracy change after the last stage vs the base model (points)",
+}
+"""What each figure means; R[i,j] is task j's accuracy (points) after stage i."""

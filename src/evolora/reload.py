@@ -25,11 +25,13 @@ def trusted(overrides: list[str] = (), trust_remote_code: bool = False, allow_pi
             f"model.allow_pickle={str(allow_pickle).lower()}", *overrides]
 
 
-def load_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False, allow_pickle: bool = False):
+def load_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
+             stage: Optional[int] = None):
     """The finished run's model (run_dir's config with `overrides`; remote code and pickle weights only as the
     arguments say, never as the folder's config.yaml says). Overrides of `method.options.*` reach the method's
     `reload_skip` and `refit` hooks (a task locator refitted with new locator options, moe_cl's answering experts
-    chosen anew with new reassignment options)."""
+    chosen anew with new reassignment options). `stage` (0-based) loads the model as it was after that stage, when
+    its checkpoint was kept (`output.keep_checkpoints: all`)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml", trusted(overrides, trust_remote_code, allow_pickle))
     ctx, method = build_context(config, run_dir, log=lambda _: None)
@@ -38,9 +40,15 @@ def load_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool =
         raise EvoloraError(f"{run_dir}: the run has not finished (resume it with evolora run --resume)")
     changed = {key[len("method.options."):] for key in (o.split("=", 1)[0].strip() for o in overrides)
                if key.startswith("method.options.")}
-    path = checkpoint_path(run_dir, len(ctx.stages) - 1)
-    for stage in range(len(ctx.stages)):
-        method.grow(stage, ctx)
+    last = len(ctx.stages) - 1 if stage is None else stage
+    if not 0 <= last < len(ctx.stages):
+        raise EvoloraError(f"--stage: {last + 1} is not a stage of this run (1..{len(ctx.stages)})")
+    path = checkpoint_path(run_dir, last)
+    if not path.is_file():
+        raise EvoloraError(f"{path}: stage {last + 1}'s checkpoint was not kept (output.keep_checkpoints: all keeps "
+                           "every stage's)")
+    for grown in range(last + 1):
+        method.grow(grown, ctx)
     load_checkpoint(ctx, method, path, progress.get("checkpoints", {}).get(path.name),
                     skip_module=method.reload_skip(changed))
     method.refit(ctx, changed)

@@ -31,6 +31,9 @@ class RunContext:
     """Token ids of the held-out general text, read on first use."""
     knowledge_tasks: Optional[list[Task]] = None
     """The general-knowledge probe's tasks (eval.general_tasks), read on first use."""
+    eval_cache: dict = field(default_factory=dict)
+    """Per task: (fingerprint of what answers it, its last result); see eval.cache."""
+    eval_cache_hits: int = 0
 
     def encode_train(self, task_index: int) -> list[Encoded]:
         task = self.tasks[task_index]

@@ -18,13 +18,14 @@ from evolora.engine.checkpoints import (check_resume_config, checkpoint_path, dr
                                         load_checkpoint, save_checkpoint, trim_step_log)
 from evolora.engine.context import RunContext, build_context, count_parameters
 from evolora.engine.loop import StepLog, train_stage
-from evolora.engine.scoring import (evaluate_located_final, evaluate_row, general_knowledge, general_perplexity,
-                                    tasks_to_evaluate, write_predictions, zero_shot_row)
+from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_located_final,
+                                    evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
+                                    write_predictions, zero_shot_row)
 from evolora.engine.state import clear_step_state, guarded_write, read_progress, read_step_state, write_progress
 from evolora.errors import EvoloraError
-from evolora.methods import Method, validate_method_options
+from evolora.methods import validate_method_options
 from evolora.metrics import compute_metrics
-from evolora.models import bf16_products
+from evolora.models import bf16_products, environment
 from evolora.report import predictions_path
 from evolora.runfolder import RunLock
 
@@ -116,11 +117,11 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         if zero_shot is not None:
             log("zero-shot: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, zero_shot)))
         if config.eval.general_text and not general_ppl:
-            general_ppl.append(general_perplexity(ctx, Method(), None))
+            general_ppl.append(base_general_perplexity(ctx))
         if general_ppl:
             log(f"general-text perplexity of the base model: {general_ppl[0]:.2f}")
         if config.eval.general_tasks and not knowledge:
-            knowledge.append(general_knowledge(ctx, Method(), None))
+            knowledge.append(base_general_knowledge(ctx))
         if knowledge:
             log(f"general knowledge of the base model: {knowledge[0]['mean']:.1f} % ({config.eval.choice_norm} norm)")
 
@@ -198,7 +199,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
                 drop_superseded_checkpoint(ctx, stage)
         step_state = None
 
-        t0 = time.perf_counter()
+        t0, hits = time.perf_counter(), ctx.eval_cache_hits
         policy = config.eval.future_tasks if continual else "all"
         row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
                                  config.eval.task_id)
@@ -216,6 +217,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             general_ppl.append(ppl)
         R.append(row)
         stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s,
+                              "eval_reused": ctx.eval_cache_hits - hits,
                               **({"locator": info["locator"]} if info["locator"] else {})})
         trained = None
         save_progress(complete=False)
@@ -278,4 +280,5 @@ def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, tim
         "timings": {**timings, "train_s": sum(s["train"]["seconds"] for s in stage_records),
                     "eval_s": sum(s["eval_s"] for s in stage_records) + timings.get("zero_shot_eval_s", 0.0)},
         "method_metrics": method.extra_metrics(),
+        "environment": environment(),
     }

@@ -23,41 +23,92 @@ def tasks_to_evaluate(policy: str, seen_upto: int, num_tasks: int) -> list[int]:
     return list(range(0, last + 1))
 
 
-def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
-    """Accuracy of the base model on every task, before any method touches it. Cached on disk by
-    everything it depends on, so the runs of a suite share it."""
+def _cached(ctx: RunContext, folder: str, key: dict, compute):
+    """A base-model figure cached on disk under everything it depends on (`key`, plus the model, the precision
+    and evolora's version), so the runs of a suite share it; every process takes the same branch."""
     import hashlib
 
     from evolora import __version__
     from evolora.models import cache_dir
 
-    probe = [ctx.prompts.encode_prompt(t, t.test[0], i).input_ids + ctx.prompts.answer_ids(t.test[0].output)
-             for i, t in enumerate(ctx.tasks)]  # catches prompt-format, tokenizer and data changes
-    probe_hash = hashlib.sha256(json.dumps([probe, [len(t.test) for t in ctx.tasks]]).encode()).hexdigest()
-    key_source = json.dumps({"model": ctx.config.model.model_dump(), "data": ctx.config.data.model_dump(),
-                             "probe": probe_hash,
-                             "eval": ctx.config.eval.model_dump(exclude={"future_tasks", "zero_shot", "general_text",
-                                                                         "general_texts", "general_max_tokens",
-                                                                         "task_id", "locate_final"}),
-                             "autocast": autocast_dtype(ctx.config, ctx.model), "version": __version__},
-                            sort_keys=True)
-    path = cache_dir() / "zero_shot" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:20]}.json"
-    row = None
+    key_source = json.dumps({**key, "model": ctx.config.model.model_dump(),
+                             "autocast": autocast_dtype(ctx.config, ctx.model), "version": __version__}, sort_keys=True)
+    path = cache_dir() / folder / f"{hashlib.sha256(key_source.encode()).hexdigest()[:20]}.json"
+    value = None
     if ctx.accelerator.is_main_process and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            row = cached["row"] if cached.get("key") == key_source else None
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            row = None
-    if ctx.accelerator.num_processes > 1:  # every rank must take the same branch
+            value = cached["value"] if cached.get("key") == key_source else None
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError):
+            value = None
+    if ctx.accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        row = broadcast_object_list([row])[0]
-    if row is None:
-        row, _ = evaluate_row(ctx, Method(), list(range(len(ctx.tasks))))
+        value = broadcast_object_list([value])[0]
+    if value is None:
+        value = compute()
         if ctx.accelerator.is_main_process:
-            atomic.write_json(path, {"key": key_source, "row": row})
-    return row
+            atomic.write_json(path, {"key": key_source, "value": value})
+    return value
+
+
+def _content_hash(paths: list[str]) -> str:
+    """sha256 of the files (a folder: every file under it, by relative path): a changed input is a new key."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in paths:
+        root = Path(name)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            digest.update(str(f.relative_to(root) if root.is_dir() else f.name).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
+    """Accuracy of the base model on every task, before any method touches it (cached on disk)."""
+    import hashlib
+
+    probe = [ctx.prompts.encode_prompt(t, t.test[0], i).input_ids + ctx.prompts.answer_ids(t.test[0].output)
+             for i, t in enumerate(ctx.tasks)]  # catches prompt-format, tokenizer and data changes
+    probe_hash = hashlib.sha256(json.dumps([probe, [len(t.test) for t in ctx.tasks]]).encode()).hexdigest()
+    key = {"data": ctx.config.data.model_dump(), "probe": probe_hash,
+           "eval": ctx.config.eval.model_dump(include={"mode", "batch_size", "max_new_tokens", "choice_norm"})}
+    return _cached(ctx, "zero_shot", key,
+                   lambda: evaluate_row(ctx, Method(), list(range(len(ctx.tasks))))[0])
+
+
+def base_general_perplexity(ctx: RunContext) -> Optional[float]:
+    """`general_perplexity` of the base model (cached on disk: each run of a suite would measure the same)."""
+    cfg = ctx.config.eval
+    if not cfg.general_text:
+        return None
+    key = {"text": _content_hash([cfg.general_text]),
+           "eval": cfg.model_dump(include={"general_texts", "general_max_tokens", "batch_size"})}
+    return _cached(ctx, "base_perplexity", key, lambda: general_perplexity(ctx, Method(), None))
+
+
+def base_general_knowledge(ctx: RunContext) -> Optional[dict]:
+    """`general_knowledge` of the base model (cached on disk)."""
+    cfg = ctx.config.eval
+    if not cfg.general_tasks:
+        return None
+    key = {"tasks": [_content_hash([folder]) for folder in cfg.general_tasks], "names": list(cfg.general_tasks),
+           "eval": cfg.model_dump(include={"choice_norm", "batch_size"})}
+    return _cached(ctx, "base_knowledge", key, lambda: general_knowledge(ctx, Method(), None))
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes, bytes): equal exactly when the tensors are."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
@@ -84,10 +135,19 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
             if task_id == "locate":
                 result, located = _evaluate_located(ctx, method, j, shard)
             else:
-                with method.route(j):
-                    result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
-                                           cfg.batch_size, cfg.max_new_tokens, shard=shard,
-                                           choice_norm=cfg.choice_norm)
+                state = method.answer_state(j) if cfg.cache else None
+                key = None if state is None else fingerprint(state)
+                cached = ctx.eval_cache.get(j)
+                if key is not None and cached is not None and cached[0] == key:
+                    result = cached[1]  # nothing that answers this task changed since it was scored
+                    ctx.eval_cache_hits += 1
+                else:
+                    with method.route(j):
+                        result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
+                                               cfg.batch_size, cfg.max_new_tokens, shard=shard,
+                                               choice_norm=cfg.choice_norm)
+                    if key is not None:
+                        ctx.eval_cache[j] = (key, result)
                 located = 0
             counts[j] = torch.tensor([result.correct, result.total, located])
             predictions[ctx.tasks[j].name] = result.predictions

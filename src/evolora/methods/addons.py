@@ -98,6 +98,10 @@ class WithAddOns(Method):
         with self.method.batch_route(task_ids):
             yield
 
+    def answer_state(self, task_index):
+        # an add-on that trains (GeRe, replay) changes only what the method trains, which the method declares
+        return self.method.answer_state(task_index)
+
     @property
     def has_locator(self):
         return self.method.has_locator
@@ -124,6 +128,17 @@ class WithAddOns(Method):
 
     def eval_record(self):
         return self.method.eval_record()
+
+    @property
+    def export_form(self):
+        return self.method.export_form
+
+    @property
+    def export_note(self):
+        return self.method.export_note
+
+    def export_adapters(self, task_index):
+        return self.method.export_adapters(task_index)
 
     def checkpoint_state(self, model):
         return self.method.checkpoint_state(model)

@@ -85,6 +85,12 @@ class Method:
         the ids on the CPU, so reading them never waits on the device."""
         yield
 
+    def answer_state(self, task_index: int) -> dict[str, torch.Tensor] | None:
+        """The tensors that, with the frozen base model, decide the answers on a task when routed to it with its
+        task id; None: not declared (every evaluation scores the task again). The engine reuses a task's score
+        while these tensors are unchanged (eval.cache)."""
+        return None
+
     # --- task location (methods that answer without a task id) ----------------------------------
     has_locator: ClassVar[bool] = False
     locator_kinds: ClassVar[tuple[str, ...]] = ()
@@ -131,6 +137,16 @@ class Method:
     def eval_record(self) -> dict[str, Any]:
         """Figures a re-evaluation of a finished run records beside its accuracies (eval.json)."""
         return {}
+
+    # --- export ------------------------------------------------------------------------------------
+    export_form: ClassVar[str] = "none"
+    """What `evolora export` writes: "lora" (PEFT LoRA adapters, `export_adapters`), "full" (the whole model,
+    which the method trains), or "none" (`export_note` says why)."""
+    export_note: ClassVar[str] = ""
+
+    def export_adapters(self, task_index: int | None) -> list[str]:
+        """The PEFT adapters whose sum answers the task (None: no task named)."""
+        return ["default"]
 
     def stage_metrics(self, stage: int) -> dict[str, Any]:
         """Figures of the stage just finished, asked for after `after_task`. They are kept with the stage's

@@ -92,6 +92,8 @@ def load_balance(probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor)
 class CMoE(LocatorHooks, Method):
     name = "cmoe"
     Options = CMoEOptions
+    export_note = ("its answer is a top-k mixture of LoRA experts chosen per token by a router, which a PEFT LoRA "
+                   "adapter cannot express")
 
     def setup(self, model, ctx):
         opts = self.options

@@ -110,6 +110,8 @@ def _stacked_linear(linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
 class MoECL(ReassignHooks, LocatorHooks, Method):
     name = "moe_cl"
     Options = MoECLOptions
+    export_note = ("its answer mixes a shared and a task LoRA expert per token through a learned gate (per layer, "
+                   "reading the FFN input), which a PEFT LoRA adapter cannot express")
 
     def setup(self, model, ctx):
         opts = self.options
@@ -259,6 +261,25 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         if self.options.shared_snapshots and not self.model.training:
             shared = torch.where(tasks < self.current, self._expert_of(tasks) + 1, shared)
         return Route(torch.stack([shared, self._expert_of(tasks)], dim=1), g)
+
+    def answer_state(self, task_index):
+        """What `route(task_index)` answers with: the answering task's expert and gate, and the shared expert it
+        reads (the live one, or a frozen snapshot), in every layer."""
+        if task_index >= self.tasks_with_experts:
+            experts, gate = (0,), None
+        else:
+            expert, shared_of = self.answerer[task_index].tolist()
+            shared = self._expert_of(shared_of) + 1 if self.options.shared_snapshots and shared_of < self.current else 0
+            experts, gate = (shared, self._expert_of(expert)), self._gate_of(expert)
+        state = {}  # named by slot, not by expert index: a snapshot holds what the live shared expert held
+        for layer in range(len(self.experts.layers)):
+            for slot, index in enumerate(experts):
+                for k, p in enumerate(self.experts.expert_parameters(layer, index)):
+                    state[f"{layer}.{slot}.{k}"] = p
+            if gate is not None:
+                for name, p in self.container.gates[layer][gate].named_parameters():
+                    state[f"{layer}.gate.{name}"] = p
+        return state
 
     @contextlib.contextmanager
     def route(self, task_index):

@@ -33,6 +33,11 @@ def orthogonality(old: list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
 class OLoRA(Method):
     name = "olora"
     Options = OLoRAOptions
+    export_form = "lora"
+
+    def export_adapters(self, task_index):
+        """Every task's adapter: inference sums them all, whatever the task."""
+        return sorted(self.model.peft_config, key=lambda name: int(name.rsplit("_", 1)[1]))
 
     def setup(self, model, ctx):
         self.model = add_lora(model, self.options, adapter_name=task_adapter(0))

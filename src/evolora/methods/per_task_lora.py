@@ -15,6 +15,12 @@ from evolora.methods.seq_lora import activate_adapters, add_lora, ensure_task_ad
 class PerTaskLoRA(Method):
     name = "per_task_lora"
     Options = LoraOptions
+    export_form = "lora"
+
+    def export_adapters(self, task_index):
+        if task_index is None:
+            raise EvoloraError("--task: per_task_lora has one adapter per task; name the task to export")
+        return [task_adapter(task_index)]
 
     def setup(self, model, ctx):
         self.model = add_lora(model, self.options, adapter_name=task_adapter(0))
@@ -23,6 +29,11 @@ class PerTaskLoRA(Method):
     def grow(self, stage, ctx):
         name = ensure_task_adapter(self.model, self.options, stage)
         activate_adapters(self.model, [name], trainable=name)
+
+    def answer_state(self, task_index):
+        """The task's own adapter (none before its stage: the base model answers)."""
+        marker = f".{task_adapter(task_index)}."
+        return {name: p for name, p in self.model.named_parameters() if marker in name}
 
     @contextlib.contextmanager
     def route(self, task_index):

@@ -18,6 +18,7 @@ class SeqFTOptions:
 class SeqFT(Method):
     name = "seq_ft"
     Options = SeqFTOptions
+    export_form = "full"
 
     def setup(self, model, ctx):
         embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}

@@ -41,6 +41,7 @@ def activate_adapters(model, active: list[str], trainable: str | None) -> None:
 class SeqLoRA(Method):
     name = "seq_lora"
     Options = LoraOptions
+    export_form = "lora"
 
     def setup(self, model, ctx):
         return add_lora(model, self.options)

@@ -112,6 +112,47 @@ def _plot_over_time(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_loss(run_dir: Path, metrics: dict, path: Path) -> bool:
+    """Training loss per logged step over the whole stream (steps.jsonl), a dashed line at each new stage."""
+    steps_file = Path(run_dir) / runfolder.STEPS
+    if not steps_file.is_file():
+        return False
+    records = []
+    for line in steps_file.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    records = [r for r in records if isinstance(r, dict) and {"stage", "step", "loss"} <= r.keys()]
+    if not records:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offsets, total = {}, 0
+    for i, stage in enumerate(metrics.get("stages", [])):
+        offsets[i] = total
+        total += stage["train"]["steps"]
+    xs = [offsets.get(r["stage"], 0) + r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.plot(xs, [r["loss"] for r in records], linewidth=1, label="loss")
+    if any("task_loss" in r and r["task_loss"] != r["loss"] for r in records):
+        ax.plot(xs, [r.get("task_loss") for r in records], linewidth=1, linestyle="--", label="task loss")
+        ax.legend(fontsize=8)
+    for start in list(offsets.values())[1:]:
+        ax.axvline(start, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("training step (dotted: a new stage)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
 def matrix_text(metrics: dict) -> str:
     """The R matrix as aligned text, for the terminal."""
     tasks = metrics["stream"]["tasks"]
@@ -131,6 +172,9 @@ def summary_text(metrics: dict) -> str:
     return "  ".join(parts)
 
 
+ZERO_SHOT = "mean zero-shot accuracy of the base model"
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
@@ -138,14 +182,31 @@ def write_report(run_dir: Path) -> Path:
     heatmap, over_time = plots / "R_heatmap.png", plots / "accuracy_over_time.png"
     _plot_heatmap(metrics, heatmap)
     _plot_over_time(metrics, over_time)
+    loss = plots / "training_loss.png"
+    has_loss = _plot_loss(run_dir, metrics, loss)
 
     def img(path: Path) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
+    from evolora.metrics import DEFINITIONS, ap_bootstrap
+
     m = metrics["metrics"]
-    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k), 2)}</td></tr>"
-                   for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "zero_shot_mean", "drift_pct") if k in m)
+    names = {"drift_pct": "drift", "knowledge_pts": "knowledge", "zero_shot_mean": "zero-shot mean"}
+    rows = "".join(f"<tr><td>{names.get(k, k)}</td><td>{_fmt(m.get(k), 2)}</td>"
+                   f"<td class=d>{html.escape(DEFINITIONS.get(names.get(k, k), ZERO_SHOT))}</td></tr>"
+                   for k in ("AP", "Avg", "BWT", "FWT", "forgetting", "zero_shot_mean", "drift_pct", "knowledge_pts")
+                   if k in m)
+    correct = read_final_predictions(run_dir, metrics) if metrics.get("complete") else None
+    interval = ap_bootstrap(correct) if correct else None
+    interval_html = "" if interval is None else (
+        f"<p>AP {interval['AP']:.2f}, 95 % bootstrap interval {interval['low']:.1f} … {interval['high']:.1f} "
+        f"(each task's test set resampled {interval['samples']} times; n per task: "
+        + ", ".join(f"{html.escape(t)} {n}" for t, n in interval["n"].items()) + ")</p>")
+    config_path = run_dir / runfolder.CONFIG
+    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    env = metrics.get("environment") or {}
+    env_text = " · ".join(f"{k} {html.escape(str(v))}" for k, v in env.items())
     locate = metrics.get("locate")
     locate_html = ""
     if locate:
@@ -175,20 +236,25 @@ def write_report(run_dir: Path) -> Path:
 <html><head><meta charset="utf-8"><title>evolora report: {html.escape(metrics['name'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}
+td.d{{text-align:left;font-size:90%}}
 pre{{background:#f7f7f7;padding:1em}}img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(metrics['name'])}</h1>
 <p>method <b>{html.escape(metrics['method'])}</b> · model <b>{html.escape(metrics['model'])}</b> ·
 stream <b>{html.escape(metrics['stream']['name'])}</b> (order {metrics['stream']['order']}) · evaluation {metrics['eval_mode']}
 {'' if metrics['complete'] else ' · <b>incomplete run</b>'}</p>
-<h2>Metrics (points, 0-100)</h2><table><tr><th>metric</th><th>value</th></tr>{rows}</table>
+<h2>Metrics (points, 0-100)</h2><table><tr><th>metric</th><th>value</th><th>definition</th></tr>{rows}</table>
+{interval_html}<p>R[i,j] is task j's accuracy (points) after training stage i.</p>
 <h2>Accuracy matrix R</h2>{img(heatmap)}<pre>{html.escape(matrix_text(metrics))}</pre>
 <h2>Accuracy over the stream</h2>{img(over_time)}
 {general_html}{locate_html}
 <h2>Per task</h2><table><tr><th>task</th><th>zero-shot</th><th>final</th><th>forgetting</th></tr>{per_task}</table>
 <h2>Training</h2><table><tr><th>stage</th><th>tasks</th><th>steps</th><th>final loss</th><th>tokens/s</th>
 <th>train s</th><th>eval s</th></tr>{stages}</table>
+{img(loss) if has_loss else ''}
 <p>parameters: base {params['base']:,} · trainable {params['trainable']:,} · added {params['added']:,}
 ({params['added_per_task']:,.0f} per task) · total time {t['total_s']:.0f} s</p>
+<h2>Made with</h2><p>{env_text or 'not recorded (a run made before evolora recorded its environment)'}</p>
+<h2>Config</h2><pre>{html.escape(config_text)}</pre>
 </body></html>
 """
     path = run_dir / "report.html"

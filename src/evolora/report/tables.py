@@ -97,6 +97,7 @@ def results_markdown(result_files: list[Path]) -> str:
         body += [header, rule]
         for group in _aggregate(runs):
             body += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
+        body += paired_section(runs)
         for metrics in runs:
             b = metrics.get("bench", {})
             stream = metrics["stream"]
@@ -109,3 +110,70 @@ def results_markdown(result_files: list[Path]) -> str:
 def write_results(result_files: list[Path], out: Path) -> Path:
     atomic.write_text(out, results_markdown(result_files))
     return out
+
+
+REFERENCES = ("seq_lora", "replay", "multitask")
+"""The rows every other row's AP is compared with (when the suite has them and both kept their predictions)."""
+
+
+def _correct_by_order(runs: list[dict], located: bool = False) -> dict[object, dict[str, str]]:
+    """Per task order: task -> the final model's per-example correctness ("0"/"1" per test example)."""
+    out = {}
+    for metrics in runs:
+        bits = (metrics.get("locate") or {}).get("final_correct") if located else metrics.get("final_correct")
+        if bits:
+            out[metrics["stream"].get("order")] = bits
+    return out
+
+
+def _pooled(reference: dict, other: dict) -> tuple[dict, dict] | None:
+    """Both runs' correctness on the same (order, task, example)s, pooled over the orders both have. A reference
+    whose runs do not depend on the order (one multitask run) stands for every order."""
+    orders = sorted(set(other) & set(reference), key=str) or \
+        (sorted(other, key=str) if len(reference) == 1 else [])
+    ref_of = (lambda o: reference[o]) if set(other) & set(reference) else (lambda o: next(iter(reference.values())))
+    a, b = {}, {}
+    for order in orders:
+        mine, theirs = other[order], ref_of(order)
+        if mine.keys() != theirs.keys() or any(len(mine[t]) != len(theirs[t]) for t in mine):
+            return None
+        for task in mine:
+            a[f"{order}:{task}"] = [c == "1" for c in theirs[task]]
+            b[f"{order}:{task}"] = [c == "1" for c in mine[task]]
+    return (a, b) if a else None
+
+
+def paired_section(runs: list[dict]) -> list[str]:
+    """Each row's AP against seq_lora, replay and multitask: the difference and its 95 % paired-bootstrap
+    interval over the same test examples, pooled over the task orders both have."""
+    from evolora.metrics import paired_ap_bootstrap
+
+    groups = {g["label"]: g["runs"] for g in _aggregate(runs)}
+    references = {name: _correct_by_order(groups[name]) for name in REFERENCES if name in groups}
+    references = {name: bits for name, bits in references.items() if bits}
+    if not references:
+        return []
+    rows = []
+    for label, group in groups.items():
+        for located in (False, True):
+            mine = _correct_by_order(group, located)
+            if not mine:
+                continue
+            cells = []
+            for name, reference in references.items():
+                pair = None if name == label and not located else _pooled(reference, mine)
+                if pair is None:
+                    cells.append("")
+                    continue
+                p = paired_ap_bootstrap(*pair)
+                cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]")
+            if any(cells):
+                name = f"{label} ({'locate' if located else 'oracle'})" if group[0].get("locate") else label
+                rows.append(f"| {name} ({len(mine)} order{'s' if len(mine) > 1 else ''}) | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "AP against " + ", ".join(references) + ": the difference (points) and its 95 % paired-bootstrap "
+            "interval over the same test examples, pooled over the orders both have. An interval that crosses zero "
+            "is no measurable difference at this budget.", "",
+            "| method | " + " | ".join(f"vs {name}" for name in references) + " |",
+            "|---|" + "|".join("---" for _ in references) + "|", *rows]

@@ -58,6 +58,7 @@ def comparable(metrics):
     return {"R": metrics["R"], "zero_shot": metrics["zero_shot"], "metrics": metrics["metrics"]}
 
 
+@pytest.mark.process
 def test_sigkill_mid_task_then_resume_gives_the_same_result(tmp_path, tiny_config):
     raw = long_config(tiny_config, tmp_path)
     reference = run(build_config({**raw, "output": {**raw["output"], "dir": str(tmp_path / "ref")}}))
@@ -92,6 +93,7 @@ def test_sigkill_mid_task_then_resume_gives_the_same_result(tmp_path, tiny_confi
     assert len(keys) == len(set(keys))  # redone steps are not logged twice
 
 
+@pytest.mark.process
 def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_config):
     raw = long_config(tiny_config, tmp_path)
     config = tmp_path / "c.yaml"

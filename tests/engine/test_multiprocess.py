@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.process
 
 
 def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods"
 
 
 def documented_defaults(name: str) -> dict:

@@ -79,3 +79,40 @@ def test_general_knowledge_is_measured_on_the_base_model_and_after_every_stage(t
     path.write_text(json.dumps({**record, "bench": {"label": "x", "suite": "s"}}))
     row = next(line for line in results_markdown([path]).splitlines() if line.startswith("| x |"))
     assert row.split(" | ")[6] == f"{record['metrics']['knowledge_pts']:.1f}"
+
+
+def test_base_model_figures_are_measured_once_and_shared_until_an_input_changes(tmp_path, tiny_config, monkeypatch):
+    """The base model's perplexity and knowledge are the same for every run of a suite: measured once and read
+    from the cache after, until the text, the probe or an answering setting changes."""
+    import evolora.engine.scoring as scoring
+
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path / "cache"))
+    texts = write_texts(tmp_path / "heldout.jsonl", [f"text number {i} about things" for i in range(4)])
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "test.json").write_text(json.dumps([
+        {"sentence": f"The word {w} means:", "choices": ["a thing", "an act"], "label": "a thing"} for w in ("stone", "run")]))
+    base_calls = []
+    for name in ("general_perplexity", "general_knowledge"):
+        real = getattr(scoring, name)
+
+        def counting(ctx, method, route_task, real=real, name=name):
+            if route_task is None:
+                base_calls.append(name)
+            return real(ctx, method, route_task)
+        monkeypatch.setattr(scoring, name, counting)
+
+    def one_run(folder, method="seq_lora"):
+        raw = tiny_config(tmp_path / folder, method, data={"max_tasks": 1},
+                          eval={"general_text": str(texts), "general_texts": 4, "general_tasks": [str(probe)]})
+        return run(build_config(raw), log=lambda _: None)
+
+    first = one_run("a")
+    assert sorted(base_calls) == ["general_knowledge", "general_perplexity"]
+    second = one_run("b", "replay")
+    assert sorted(base_calls) == ["general_knowledge", "general_perplexity"]  # read from the cache
+    assert second["general"]["perplexity"][0] == first["general"]["perplexity"][0]
+    assert second["knowledge"]["per_stage"][0] == first["knowledge"]["per_stage"][0]
+    write_texts(texts, [f"other text {i}" for i in range(4)])
+    one_run("c")
+    assert base_calls.count("general_perplexity") == 2 and base_calls.count("general_knowledge") == 1

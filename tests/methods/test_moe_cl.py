@@ -289,15 +289,16 @@ def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, ti
                                                   "addons": {"replay": {"per_task": 3}}}, data={"max_tasks": 2})
     ctx, method = build_context(build_config(raw), tmp_path / "run")
     assert method.name == "moe_cl+replay"
+    moe = method.method  # the wrapped MoE-CL: its experts
     method.grow(0, ctx)
     method.grow(1, ctx)
     method.before_task(1, ctx)
     examples = method.training_examples(1, ctx.encode_train(1), ctx)
     stored = [e for e in examples if e.task_index == 0]
     assert len(stored) == 3 and len(examples) == len(ctx.tasks[1].train) + 3
-    for layer in range(len(method.experts.layers)):
+    for layer in range(len(moe.experts.layers)):
         for expert in range(3):
-            for p in method.experts.expert_parameters(layer, expert):
+            for p in moe.experts.expert_parameters(layer, expert):
                 torch.nn.init.normal_(p, std=0.1)
     batch = collate_train(stored, ctx.tokenizer.pad_token_id).to(ctx.device)
     assert (batch.labels != -100).any()  # stored with their answers: they carry the LM loss
@@ -307,8 +308,8 @@ def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, ti
         out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         position_ids=batch.position_ids, logits_to_keep=batch.labels.shape[1] + 1)
     answer_loss(out.logits, batch.labels).backward()
-    last = len(method.experts.layers) - 1
-    shared, old, current = (method.experts.expert_parameters(last, e) for e in range(3))
+    last = len(moe.experts.layers) - 1
+    shared, old, current = (moe.experts.expert_parameters(last, e) for e in range(3))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shared)
     assert all(not p.requires_grad for p in old)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in current)

@@ -1,0 +1,41 @@
+"""eval.cache: a task whose answering tensors did not change since it was scored is not scored again, and R is
+the same with the cache on or off."""
+
+import pytest
+import torch
+
+from evolora.config import build_config
+from evolora.engine import run
+from evolora.engine.scoring import fingerprint
+
+
+def run_with_cache(tmp_path, tiny_config, method, cache, options=None, **data):
+    raw = tiny_config(tmp_path / str(cache), method, method={"options": options or {}},
+                      data={"max_tasks": 3, **data}, eval={"cache": cache, "future_tasks": "all"})
+    return run(build_config(raw), log=lambda _: None)
+
+
+@pytest.mark.parametrize("method,options,reused", [
+    ("per_task_lora", {}, [0, 2, 2]),  # all but the task just trained: frozen adapters before it, the base model after
+    # frozen task experts and gates, and each old task reads its frozen shared snapshot: only the new task and the
+    # not-yet-trained ones (the live shared expert) are scored again
+    ("moe_cl", {"variant": "evolora", "reassign_examples": 0, "locator_vae_steps": 10}, [0, 1, 2]),
+    ("moe_cl", {"locator_vae_steps": 10}, [0, 0, 0]),  # the reference form: the layer gates and the shared expert train every stage
+    ("seq_lora", {}, [0, 0, 0]),            # nothing declared: every task is scored every time
+])
+def test_cache_reuses_unchanged_tasks_and_gives_the_same_R(tmp_path, tiny_config, method, options, reused):
+    on = run_with_cache(tmp_path, tiny_config, method, True, options)
+    off = run_with_cache(tmp_path, tiny_config, method, False, options)
+    assert on["R"] == off["R"] and on["metrics"] == off["metrics"]
+    assert [s["eval_reused"] for s in on["stages"]] == reused
+    assert [s["eval_reused"] for s in off["stages"]] == [0, 0, 0]
+
+
+def test_fingerprint_changes_with_any_bit_of_any_tensor():
+    state = {"a": torch.zeros(3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    same = {"b": torch.ones(2, dtype=torch.bfloat16), "a": torch.zeros(3)}
+    assert fingerprint(state) == fingerprint(same)
+    nudged = {"a": torch.tensor([0.0, torch.finfo(torch.float32).tiny, 0.0]), "b": state["b"]}
+    assert fingerprint(nudged) != fingerprint(state)
+    assert fingerprint({"a": torch.zeros(3, 1), "b": state["b"]}) != fingerprint(state)
+    assert fingerprint({"c": torch.zeros(3), "b": state["b"]}) != fingerprint(state)
