@@ -195,3 +195,41 @@ def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
     assert any(line.startswith("| moe_cl (locate) (2 orders) |") for line in table.splitlines())
     seq_row = [line for line in table.splitlines() if line.startswith("| seq_lora (2 orders) | ")][-1]
     assert seq_row.split(" | ")[1] == ""  # not against itself
+
+
+def test_a_forty_run_comparison_stays_readable(tmp_path):
+    """40 runs: the heatmaps in a grid of six columns (not one 13,000-px row), AP intervals on the bars where the
+    runs kept their predictions, a distinct colour/style/marker per drift line."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    tasks = ["a", "b", "c"]
+    runs, kept = [], []
+    for i in range(40):
+        R = [[rng.uniform(20, 90) for _ in tasks] for _ in tasks]
+        runs.append({"name": f"r{i}", "method": "seq_lora", "metrics": {"AP": sum(R[-1]) / 3, "BWT": -1.0, "FWT": 1.0},
+                     "R": R, "stream": {"name": "s", "order": 1, "tasks": tasks}, "model": "m", "parameters": {},
+                     "timings": {"total_s": 60.0}, "bench": {"label": f"run_{i}"},
+                     "general": {"perplexity": [10.0] * 4, "drift_pct_per_stage": [rng.uniform(-5, 5) for _ in tasks]}})
+        kept.append({t: [rng.random() < 0.6 for _ in range(20)] for t in tasks} if i % 2 else None)
+    paths = compare(runs, tmp_path / "cmp", kept)
+    width, height = Image.open(paths["heatmaps"]).size
+    assert width < 2200 and height < 2400
+    import matplotlib.pyplot as plt
+
+    styles = set()
+    from evolora.report import compare as module
+
+    real_plot = plt.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        styles.add((kwargs.get("color"), kwargs.get("linestyle"), kwargs.get("marker")))
+        return real_plot(self, *args, **kwargs)
+    plt.Axes.plot = spy
+    try:
+        module._drift([(r["bench"]["label"], r["general"]) for r in runs], tmp_path / "drift.png")
+    finally:
+        plt.Axes.plot = real_plot
+    assert len(styles) == 40

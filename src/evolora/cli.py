@@ -206,7 +206,10 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     if files:  # the comparison covers every finished run of the suite, like the table
         import json
 
-        plots = compare([json.loads(p.read_text()) for p in files], suite.parent / spec.results / spec.name / "comparison")
+        results = [json.loads(p.read_text()) for p in files]
+        kept = [{t: [c == "1" for c in bits] for t, bits in r["final_correct"].items()} if r.get("final_correct")
+                else None for r in results]  # AP intervals on the bars where a result kept its correctness
+        plots = compare(results, suite.parent / spec.results / spec.name / "comparison", kept)
         _echo("comparison: " + ", ".join(str(p) for p in plots.values()))
 
 

@@ -42,11 +42,18 @@ class TaskSource(_Strict):
     """One task of a custom stream."""
 
     name: str
-    format: Literal["olora", "jsonl", "hf"]
+    format: Literal["olora", "jsonl", "trace", "hf"]
     path: Optional[str] = None
     """olora: a folder with train.json/test.json/labels.json; jsonl: a folder with train.jsonl/test.jsonl
-    or the train file itself (test_path then names the test file)."""
+    or the train file itself (test_path then names the test file); trace: a folder with train.json, eval.json
+    (dev) and test.json of {"prompt", "answer"} rows (the TRACE benchmark's layout)."""
     test_path: Optional[str] = None
+    input_field: str = "input"
+    """jsonl/trace: the field holding a row's input (trace: `prompt` unless set)."""
+    output_field: str = "output"
+    """jsonl/trace: the field holding a row's answer (trace: `answer` unless set)."""
+    instruction_field: str = "instruction"
+    """jsonl/trace: the field holding a row's own instruction, when it has one."""
     instruction: Optional[str] = None
     labels: Optional[list[str]] = None
     # Hugging Face `datasets`
@@ -63,7 +70,7 @@ class TaskSource(_Strict):
 
     @model_validator(mode="after")
     def _needs_a_source(self):
-        if self.format in ("olora", "jsonl") and not self.path:
+        if self.format in ("olora", "jsonl", "trace") and not self.path:
             raise ValueError(f"task '{self.name}': format {self.format} needs `path`")
         if self.format == "hf" and not self.dataset:
             raise ValueError(f"task '{self.name}': format hf needs `dataset`")
@@ -147,6 +154,9 @@ class EvalConfig(_Strict):
     choice_norm: Literal["tokens", "none"] = "tokens"
     """Multiple choice: the summed log-likelihood of each choice divided by its token count (lm-eval's
     acc_norm, by tokens) or not (acc). Both are recorded; this one picks the prediction and the table's figure."""
+    metric: Literal["exact", "rougeL"] = "exact"
+    """How generated answers are scored (eval.mode generate, or a task with free-form answers): exact match, or
+    ROUGE-L F1 (0-100; the rouge-score package). Label and multiple-choice scoring is unaffected."""
     cache: bool = True
     """Reuse a task's score from an earlier stage while the tensors that answer it are unchanged (methods that
     declare them: per_task_lora, moe_cl's task experts once frozen); R is the same with it on or off."""

@@ -7,6 +7,7 @@ one prompt forward plus a few-token forward, not 14 prompt forwards."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -20,6 +21,8 @@ class TaskResult:
     correct: int
     total: int
     predictions: list[str]
+    score: Optional[float] = None
+    """With metric rougeL and generated answers: the sum over examples of ROUGE-L F1 (0-1)."""
 
     @property
     def accuracy(self) -> float:
@@ -179,9 +182,22 @@ def generate_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, 
     return outputs
 
 
+def rouge_l(predictions: list[str], golds: list[str]) -> list[float]:
+    """ROUGE-L F1 (0-1) of each prediction against its gold answer, by Google's rouge-score package (its default
+    tokenizer: lower-cased ASCII words; text without any scores 0)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        from evolora.errors import ConfigError
+
+        raise ConfigError("eval.metric: rougeL needs the rouge-score package: pip install rouge-score") from None
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return [scorer.score(gold, prediction)["rougeL"].fmeasure for prediction, gold in zip(predictions, golds)]
+
+
 def evaluate_task(model, task: Task, task_index: int, prompts: PromptBuilder, device: torch.device,
                   mode: str = "loglik", batch_size: int = 16, max_new_tokens: int = 16,
-                  shard: tuple[int, int] = (0, 1), choice_norm: str = "tokens") -> TaskResult:
+                  shard: tuple[int, int] = (0, 1), choice_norm: str = "tokens", metric: str = "exact") -> TaskResult:
     """Accuracy on the task's test examples; with shard=(rank, world) only every world-th example."""
     rank, world = shard
     examples = task.test[rank::world]
@@ -200,6 +216,10 @@ def evaluate_task(model, task: Task, task_index: int, prompts: PromptBuilder, de
     else:
         answers = generate_answers(model, prompt_ids, pad_id, prompts.eos_id, device, max_new_tokens, batch_size)
         predictions = [prompts.decode_answer(a) for a in answers]
+        if metric == "rougeL":
+            score = sum(rouge_l(predictions, [ex.output.strip() for ex in examples]))
+            return TaskResult(sum(p == ex.output.strip() for p, ex in zip(predictions, examples)), len(examples),
+                              predictions, score)
     correct = sum(p == ex.output.strip() for p, ex in zip(predictions, examples))
     return TaskResult(correct, len(examples), predictions)
 

@@ -162,3 +162,31 @@ def test_demo_stream_is_deterministic_and_balanced():
         counts = {label: sum(ex.output == label for ex in task.test) for label in task.labels}
         assert len(set(counts.values())) == 1
         assert not {ex.input for ex in task.train} & {ex.input for ex in task.test}
+
+
+def test_trace_layout_reads_prompt_answer_with_eval_as_dev(tmp_path):
+    import json as _json
+
+    for split, n in (("train", 3), ("eval", 2), ("test", 2)):
+        (tmp_path / f"{split}.json").write_text(_json.dumps(
+            [{"prompt": f"Summarise: text {split} {i}", "answer": f"summary {i} of {split}"} for i in range(n)]))
+    task = read_task(TaskSource(name="meetingbank", format="trace", path=str(tmp_path)))
+    assert [len(task.train), len(task.dev), len(task.test)] == [3, 2, 2]
+    assert task.train[0].input == "Summarise: text train 0" and task.train[0].output == "summary 0 of train"
+    (tmp_path / "test.json").write_text('[{"prompt": "x", "answer": "y"},\n {"prompt": "x"}]')
+    with pytest.raises(DataError, match=r"test.json:2: .*'answer'"):
+        read_task(TaskSource(name="meetingbank", format="trace", path=str(tmp_path)))
+    (tmp_path / "train.json").unlink()
+    with pytest.raises(DataError, match=r"train.json: not found \(a TRACE task folder"):
+        read_task(TaskSource(name="meetingbank", format="trace", path=str(tmp_path)))
+
+
+def test_jsonl_field_mapping_reads_other_field_names(tmp_path):
+    rows = [{"query": f"What is {i}+{i}?", "response": str(2 * i), "system": "Add."} for i in range(3)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = read_task(TaskSource(name="add", format="jsonl", path=str(tmp_path), input_field="query",
+                                output_field="response", instruction_field="system"))
+    assert task.test[1].input == "What is 1+1?" and task.test[1].output == "2" and task.test[1].instruction == "Add."
+    with pytest.raises(DataError, match=r"train.jsonl:1: .*'input'"):
+        read_task(TaskSource(name="add", format="jsonl", path=str(tmp_path)))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from evolora.data.prompting import PromptBuilder
@@ -106,3 +107,32 @@ def test_multiple_choice_rows_in_every_reader(tmp_path):
 
     with pytest.raises(DataError, match="test.json:1: the answer 'z' is not one of its 'choices'"):
         read_choice_task(folder)
+
+
+def test_rouge_l_scores_generated_answers_and_becomes_the_figure_of_R(tmp_path, tiny_config):
+    """eval.metric: rougeL: R holds the mean ROUGE-L F1 of the generated answers (0-100); exact match is still
+    what the predictions file calls correct."""
+    import json as _json
+
+    from evolora.config import build_config
+    from evolora.engine import run
+    from evolora.evaluation import rouge_l
+
+    assert rouge_l(["the cat sat", "nothing alike"], ["the cat sat", "a dog ran"]) == [1.0, 0.0]
+    assert rouge_l(["the cat on the mat"], ["the cat sat on the mat"])[0] == pytest.approx(2 * 5 / 11)
+    tasks = []
+    for t in range(2):
+        folder = tmp_path / f"gen{t}"
+        folder.mkdir()
+        for split in ("train", "test"):
+            rows = [{"input": f"say word {i}", "output": f"word {i} and more words"} for i in range(4)]
+            (folder / f"{split}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+        tasks.append({"name": f"gen{t}", "format": "jsonl", "path": str(folder)})
+    raw = tiny_config(tmp_path, data={"stream": "custom", "tasks": tasks, "max_tasks": None},
+                      eval={"mode": "generate", "max_new_tokens": 4, "metric": "rougeL", "zero_shot": False})
+    record = run(build_config(raw), log=lambda _: None)
+    rows = [_json.loads(x) for x in (tmp_path / "run" / "predictions" / "stage-02.jsonl").read_text().splitlines()]
+    for j, name in enumerate(["gen0", "gen1"]):
+        mine = [r for r in rows if r["task"] == name]
+        expected = 100 * sum(rouge_l([r["prediction"] for r in mine], [r["gold"] for r in mine])) / len(mine)
+        assert record["R"][-1][j] == pytest.approx(expected)

@@ -158,12 +158,16 @@ def read_olora_task(name: str, folder: Path, instruction: str) -> Task:
     return _nonempty(Task(name, instruction, labels, train, test), folder)
 
 
-def read_jsonl_split(path: Path, labels: list[str]) -> list[Example]:
+def read_jsonl_split(path: Path, labels: list[str], fields: tuple[str, str, str] = ("input", "output", "instruction"),
+                     rows=None) -> list[Example]:
+    """Rows with an input, an output and optionally their own instruction, under the field names given
+    (Alpaca-style data: instruction/input/output as they are). `rows` replaces reading `path` as JSONL."""
+    input_field, output_field, instruction_field = fields
     examples = []
-    for line, row in iter_jsonl(path):
-        text = _string_field(path, line, row, "input")
-        answer = _string_field(path, line, row, "output")
-        instruction = _string_field(path, line, row, "instruction", required=False)
+    for line, row in rows if rows is not None else iter_jsonl(path):
+        text = _string_field(path, line, row, input_field)
+        answer = _string_field(path, line, row, output_field)
+        instruction = _string_field(path, line, row, instruction_field, required=False)
         choices = _choices_field(path, line, row, answer)
         if choices is None:
             _check_labels(path, line, answer, labels)
@@ -188,11 +192,34 @@ def read_jsonl_task(source: TaskSource) -> Task:
             raise DataError(f"task '{source.name}': `test_path` is needed when `path` is a file")
         test_path = Path(source.test_path)
     labels = list(source.labels or [])
-    train = read_jsonl_split(train_path, labels)
-    test = read_jsonl_split(test_path, labels)
+    fields = (source.input_field, source.output_field, source.instruction_field)
+    train = read_jsonl_split(train_path, labels, fields)
+    test = read_jsonl_split(test_path, labels, fields)
     if not labels:
         labels = _infer_labels(train + test)
     return _nonempty(Task(source.name, source.instruction or "", labels, train, test), path)
+
+
+def read_trace_task(source: TaskSource) -> Task:
+    """The TRACE benchmark's layout: a folder with train.json, eval.json (the dev split) and test.json, each a
+    JSON list of {"prompt", "answer"} (the prompt carries its instruction). Free-form answers are generated."""
+    folder = Path(source.path)
+    fields = (source.input_field if source.input_field != "input" else "prompt",
+              source.output_field if source.output_field != "output" else "answer", source.instruction_field)
+    labels = list(source.labels or [])
+
+    def split(name: str, required: bool = True) -> list[Example]:
+        path = folder / name
+        if not path.is_file():
+            if required:
+                raise DataError(f"{path}: not found (a TRACE task folder holds train.json, eval.json, test.json)")
+            return []
+        return read_jsonl_split(path, labels, fields, rows=iter_json_array(path))
+
+    train, dev, test = split("train.json"), split("eval.json", required=False), split("test.json")
+    if not labels:
+        labels = _infer_labels(train + test)
+    return _nonempty(Task(source.name, source.instruction or "", labels, train, test, dev), folder)
 
 
 def read_hf_task(source: TaskSource) -> Task:
@@ -259,4 +286,6 @@ def read_task(source: TaskSource) -> Task:
         return read_olora_task(source.name, Path(source.path), source.instruction or "")
     if source.format == "jsonl":
         return read_jsonl_task(source)
+    if source.format == "trace":
+        return read_trace_task(source)
     return read_hf_task(source)

@@ -74,7 +74,8 @@ def zero_shot_row(ctx: RunContext) -> list[Optional[float]]:
              for i, t in enumerate(ctx.tasks)]  # catches prompt-format, tokenizer and data changes
     probe_hash = hashlib.sha256(json.dumps([probe, [len(t.test) for t in ctx.tasks]]).encode()).hexdigest()
     key = {"data": ctx.config.data.model_dump(), "probe": probe_hash,
-           "eval": ctx.config.eval.model_dump(include={"mode", "batch_size", "max_new_tokens", "choice_norm"})}
+           "eval": ctx.config.eval.model_dump(include={"mode", "batch_size", "max_new_tokens", "choice_norm",
+                                                            "metric"})}
     return _cached(ctx, "zero_shot", key,
                    lambda: evaluate_row(ctx, Method(), list(range(len(ctx.tasks))))[0])
 
@@ -123,7 +124,8 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
         raise EvoloraError(f"eval.task_id: locate needs a method with a task locator; {method.name} has none")
     row: list[Optional[float]] = [None] * len(ctx.tasks)
     predictions = {}
-    counts = torch.zeros(len(ctx.tasks), 3, dtype=torch.long)  # correct, total, located correctly
+    # correct, total, located correctly, summed ROUGE-L, whether a shard scored ROUGE-L
+    counts = torch.zeros(len(ctx.tasks), 5, dtype=torch.float64)
     ctx.model.eval()
     from tqdm.auto import tqdm
 
@@ -145,16 +147,18 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
                     with method.route(j):
                         result = evaluate_task(ctx.model, ctx.tasks[j], j, ctx.prompts, ctx.device, cfg.mode,
                                                cfg.batch_size, cfg.max_new_tokens, shard=shard,
-                                               choice_norm=cfg.choice_norm)
+                                               choice_norm=cfg.choice_norm, metric=cfg.metric)
                     if key is not None:
                         ctx.eval_cache[j] = (key, result)
                 located = 0
-            counts[j] = torch.tensor([result.correct, result.total, located])
+            counts[j] = torch.tensor([result.correct, result.total, located, result.score or 0.0,
+                                      result.score is not None], dtype=torch.float64)
             predictions[ctx.tasks[j].name] = result.predictions
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
     for j in task_indices:
-        row[j] = 100.0 * counts[j, 0].item() / counts[j, 1].item()
+        scored = cfg.metric == "rougeL" and counts[j, 4].item() > 0
+        row[j] = 100.0 * counts[j, 3 if scored else 0].item() / counts[j, 1].item()
     locator = {ctx.tasks[j].name: 100.0 * counts[j, 2].item() / counts[j, 1].item() for j in task_indices} \
         if task_id == "locate" else {}
     return row, {"predictions": predictions, "locator": locator}
@@ -224,17 +228,19 @@ def _evaluate_located(ctx: RunContext, method: Method, j: int, shard: tuple[int,
     prompts = [ctx.prompts.encode_prompt(task, ex, j).input_ids for ex in examples]
     located = method.locate(ctx, ("test", j, shard), prompts)
     predictions: list[Optional[str]] = [None] * len(examples)
-    correct = 0
+    correct, score = 0, None
     for t in sorted(set(located)):
         members = [i for i, x in enumerate(located) if x == t]
         subset = dataclasses.replace(task, test=[examples[i] for i in members])
         with method.route(t):
             part = evaluate_task(ctx.model, subset, j, ctx.prompts, ctx.device, cfg.mode, cfg.batch_size,
-                                 cfg.max_new_tokens, choice_norm=cfg.choice_norm)
+                                 cfg.max_new_tokens, choice_norm=cfg.choice_norm, metric=cfg.metric)
         correct += part.correct
+        if part.score is not None:
+            score = (score or 0.0) + part.score
         for i, p in zip(members, part.predictions):
             predictions[i] = p
-    return TaskResult(correct, len(examples), predictions), sum(x == j for x in located)
+    return TaskResult(correct, len(examples), predictions, score), sum(x == j for x in located)
 
 
 def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[float]:

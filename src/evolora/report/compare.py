@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from evolora import atomic
+from evolora.metrics import ap_bootstrap
 from evolora.report.tables import COLUMNS, table_rows
 
 
@@ -47,8 +48,6 @@ def compare(metrics_list: list[dict], out_dir: Path,
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,17 +65,46 @@ def compare(metrics_list: list[dict], out_dir: Path,
                                        **({"paired_vs_first": paired[i]} if i in paired else {})}
                                       for i, (label, m) in enumerate(zip(labels, metrics_list))])
 
+    intervals = [None if not final_predictions or not final_predictions[i] else ap_bootstrap(final_predictions[i])
+                 for i in range(len(metrics_list))]
+    _bars(labels, metrics_list, intervals, paths["bars"])
+    _heatmaps(labels, metrics_list, paths["heatmaps"])
+    drifted = [(label, m["general"]) for label, m in zip(labels, metrics_list) if m.get("general")]
+    if drifted:
+        paths["drift"] = out_dir / "general_drift.png"
+        _drift(drifted, paths["drift"])
+    return paths
+
+
+def _save(fig, path: Path, **kwargs) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, **kwargs)
+    plt.close(fig)
+
+
+def _bars(labels: list[str], metrics_list: list[dict], intervals: list[Optional[dict]], path: Path) -> None:
+    """AP, BWT and FWT per run; AP with its 95 % bootstrap interval where the run kept its predictions. More than
+    ten runs: one horizontal row per run, read top to bottom like the table."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
     keys = ["AP", "BWT", "FWT"]
     width = 0.8 / len(keys)
     x = np.arange(len(labels))
-    horizontal = len(labels) > 10  # a long suite: one row per run, read top to bottom like the table
-    if horizontal:
-        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.32 * len(labels)))
-    else:
-        fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(labels), 3.8))
+    horizontal = len(labels) > 10
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.32 * len(labels)) if horizontal else (1.5 + 1.4 * len(labels), 3.8))
     for k, key in enumerate(keys):
         values = [np.nan if v is None else v for v in (m.get("metrics", {}).get(key) for m in metrics_list)]
-        (ax.barh if horizontal else ax.bar)(x + k * width, values, width, label=key)
+        errors = None
+        if key == "AP" and any(intervals):
+            errors = np.array([[0.0, 0.0] if iv is None or np.isnan(v) else [max(0.0, v - iv["low"]), max(0.0, iv["high"] - v)]
+                               for v, iv in zip(values, intervals)]).T
+        (ax.barh if horizontal else ax.bar)(x + k * width, values, width, label=key + (" (95 % interval)" if errors
+                                                                                   is not None else ""),
+                                            **({"xerr" if horizontal else "yerr": errors, "capsize": 2}
+                                               if errors is not None else {}))
     if horizontal:
         ax.set_yticks(x + width, labels, fontsize=8)
         ax.invert_yaxis()
@@ -88,41 +116,58 @@ def compare(metrics_list: list[dict], out_dir: Path,
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_ylabel("points")
         ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic.atomic_path(paths["bars"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
-    fig, axes = plt.subplots(1, len(metrics_list), figsize=(3.2 * len(metrics_list), 3.2), squeeze=False)
-    for ax, label, m in zip(axes[0], labels, metrics_list):
+
+def _heatmaps(labels: list[str], metrics_list: list[dict], path: Path) -> None:
+    """Each run's R as a small heatmap with its numbers, in a grid of at most six columns (40 runs: 7 rows)."""
+    import math
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(metrics_list)
+    columns = min(6, n)
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.9 * columns, 2.7 * rows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= n:
+            ax.axis("off")
+            continue
+        m, label = metrics_list[index], labels[index]
         data = np.array([[np.nan if v is None else v for v in row] for row in m["R"]], dtype=float)
         ax.imshow(data, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks(range(len(m["stream"]["tasks"])), m["stream"]["tasks"], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(m["R"])), [f"after {i + 1}" for i in range(len(m["R"]))], fontsize=7)
+        ax.set_title(label, fontsize=8)
+        tasks = m["stream"]["tasks"]
+        ax.set_xticks(range(len(tasks)), [t[:8] for t in tasks], rotation=45, ha="right", fontsize=6)
+        ax.set_yticks(range(len(m["R"])), [f"after {i + 1}" for i in range(len(m["R"]))], fontsize=6)
+        if data.size <= 400:  # numbers stay legible up to 20 x 20
+            for i, j in zip(*np.where(~np.isnan(data))):
+                ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=5 if data.shape[1] > 8 else 7,
+                        color="white" if data[i, j] < 60 else "black")
     fig.tight_layout()
-    with atomic.atomic_path(paths["heatmaps"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
-    drifted = [(label, m["general"]) for label, m in zip(labels, metrics_list) if m.get("general")]
-    if drifted:  # general-text perplexity drift over the stream, one line per run
-        paths["drift"] = out_dir / "general_drift.png"
-        columns = 1 + (len(drifted) - 1) // 16  # a suite of 30 runs: the legend beside the plot, in columns
-        fig, ax = plt.subplots(figsize=(6 + 2.4 * columns, 3.6 + 0.1 * min(len(drifted), 16)))
-        colors = plt.get_cmap("tab20").colors
-        for i, (label, general) in enumerate(drifted):
-            ax.plot(range(len(general["perplexity"])), [0.0] + general["drift_pct_per_stage"], marker="o",
-                    markersize=3, color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3],
-                    label=label)
-        ax.set_xlabel("stage (0 = base model)")
-        ax.set_ylabel("held-out perplexity change (%)")
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
-        fig.tight_layout()
-        with atomic.atomic_path(paths["drift"]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    return paths
+
+def _drift(drifted: list[tuple[str, dict]], path: Path) -> None:
+    """General-text perplexity drift over the stream, one line per run: colour, line style and marker together
+    tell up to 20 x 3 x 4 runs apart; the legend beside the plot, in columns."""
+    import matplotlib.pyplot as plt
+
+    columns = 1 + (len(drifted) - 1) // 16
+    fig, ax = plt.subplots(figsize=(6 + 2.4 * columns, 3.6 + 0.1 * min(len(drifted), 16)))
+    colors = plt.get_cmap("tab20").colors
+    markers = ("o", "s", "^", "D")
+    for i, (label, general) in enumerate(drifted):
+        ax.plot(range(len(general["perplexity"])), [0.0] + general["drift_pct_per_stage"], markersize=3,
+                color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3],
+                marker=markers[i // (3 * len(colors)) % len(markers)], label=label)
+    ax.set_xlabel("stage (0 = base model)")
+    ax.set_ylabel("held-out perplexity change (%)")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns, frameon=False)
+    fig.tight_layout()
+    _save(fig, path, bbox_inches="tight")
