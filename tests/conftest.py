@@ -46,5 +46,5 @@ def train_through(ctx, method, stop, start=0):
         method.grow(stage, ctx)
         method.before_task(stage, ctx)
         examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
-        train_stage(ctx, method, stage, examples, StepLog(None, False), 0)
+        train_stage(ctx, method, stage, examples, StepLog(None), 0)
         method.after_task(stage, ctx)

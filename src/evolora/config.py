@@ -170,6 +170,11 @@ class OutputConfig(_Strict):
     """Run folder; default runs/<name>."""
     overwrite: bool = False
     tensorboard: bool = True
+    """TensorBoard in the run folder's tensorboard/ (skipped quietly when TensorBoard is not installed)."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """More experiment trackers (accelerate's): training scalars, per-stage accuracies (R), final metrics and the
+    config as hyperparameters. W&B follows its environment (WANDB_MODE=offline: no network); MLflow logs to
+    MLFLOW_TRACKING_URI, else an SQLite store in the run folder (mlflow.db, artifacts in mlruns/)."""
     keep_checkpoints: Literal["all", "last"] = "all"
     """Per-stage checkpoints of the learned tensors; `last` keeps disk use flat for full fine-tuning."""
 

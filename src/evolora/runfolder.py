@@ -27,11 +27,13 @@ STEPS = "steps.jsonl"
 EVAL = "eval.json"
 REPORT = "report.html"
 CHECKPOINTS, STATE, PREDICTIONS, PLOTS, TENSORBOARD = "checkpoints", "state", "predictions", "plots", "tensorboard"
+MLRUNS, MLFLOW_DB, WANDB = "mlruns", "mlflow.db", "wandb"
+"""The trackers' folders (MLflow's file store, W&B's offline runs) when they write into the run folder."""
 METHOD_FILES = {"cmoe_plan.json"}
 """Files a method writes into the run folder (each method's module names its own)."""
 
 WRITTEN = {MARKER, LOCK, CONFIG, PROGRESS, METRICS, STEPS, EVAL, REPORT, CHECKPOINTS, STATE, PREDICTIONS, PLOTS,
-           TENSORBOARD} | METHOD_FILES
+           TENSORBOARD, MLRUNS, MLFLOW_DB, WANDB} | METHOD_FILES
 _TEMPORARY = re.compile(r"^\.(.+)\.[^.]+\.tmp$")
 """An atomic write's temporary file, left by a crash (atomic.atomic_path names it `.<name>.<random>.tmp`)."""
 

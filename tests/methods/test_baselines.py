@@ -29,7 +29,7 @@ def test_old_adapters_frozen_and_unchanged(tmp_path, tiny_config, method_name):
     method.grow(1, ctx)
     trainable = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
     assert trainable and all(".task_1." in n for n in trainable)
-    train_stage(ctx, method, 1, ctx.encode_train(1), StepLog(None, False), 0)
+    train_stage(ctx, method, 1, ctx.encode_train(1), StepLog(None), 0)
     after = dict(ctx.model.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in task0.items())
     assert all(torch.equal(after[n], v) for n, v in base.items())

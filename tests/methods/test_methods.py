@@ -24,7 +24,7 @@ def test_seq_lora_trains_only_the_adapter(tmp_path, tiny_config):
     lora = snapshot(ctx.model, lambda n: "lora_B" in n)
     trainable = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and "up_proj" in n for n in trainable)
-    train_stage(ctx, method, 0, ctx.encode_train(0), StepLog(None, False), 0)
+    train_stage(ctx, method, 0, ctx.encode_train(0), StepLog(None), 0)
     for n, p in ctx.model.named_parameters():
         if n in base:
             assert torch.equal(p, base[n]), n
@@ -37,7 +37,7 @@ def test_seq_ft_trains_the_base_but_not_embeddings(tmp_path, tiny_config):
     cfg = build_config(tiny_config(tmp_path, "seq_ft"))
     ctx, method = build_context(cfg, None)
     before = snapshot(ctx.model, lambda n: True)
-    train_stage(ctx, method, 0, ctx.encode_train(0), StepLog(None, False), 0)
+    train_stage(ctx, method, 0, ctx.encode_train(0), StepLog(None), 0)
     changed = {n for n, p in ctx.model.named_parameters() if not torch.equal(p, before[n])}
     assert any("mlp" in n for n in changed)
     assert not any("embed_tokens" in n for n in changed)

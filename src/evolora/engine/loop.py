@@ -24,29 +24,19 @@ from evolora.models import answer_loss
 
 
 class StepLog:
-    def __init__(self, run_dir: Optional[Path], tensorboard: bool):
-        self.path = run_dir / runfolder.STEPS if run_dir else None
-        self.writer = None
-        if run_dir and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    """The run folder's steps.jsonl (one JSON line per logged step) and the trackers, which get the same figures
+    under `train/` at the global step."""
 
-                self.writer = SummaryWriter(str(run_dir / runfolder.TENSORBOARD))
-            except ImportError:
-                pass
+    def __init__(self, run_dir: Optional[Path], trackers=None):
+        self.path = run_dir / runfolder.STEPS if run_dir else None
+        self.trackers = trackers
 
     def write(self, record: dict, global_step: int) -> None:
         if self.path:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
-        if self.writer:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("stage", "step"):
-                    self.writer.add_scalar(f"train/{key}", value, global_step)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.log({f"train/{k}": v for k, v in record.items() if k not in ("stage", "step")}, global_step)
 
 
 class Interrupted(EvoloraError):

@@ -21,6 +21,7 @@ from evolora.engine.loop import StepLog, train_stage
 from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_located_final,
                                     evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
                                     write_predictions, zero_shot_row)
+from evolora.engine.trackers import Trackers, check_trackers
 from evolora.engine.state import clear_step_state, guarded_write, read_progress, read_step_state, write_progress
 from evolora.errors import EvoloraError
 from evolora.methods import validate_method_options
@@ -48,6 +49,7 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
 
     check_gpus_per_node(config)
     validate_method_options(config.method)  # before anything is read or written
+    check_trackers(config)
     # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
     dist = PartialState(cpu=config.model.device == "cpu" or not torch.cuda.is_available())
     is_main = dist.is_main_process
@@ -153,90 +155,95 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         log(f"resumed after stage {completed}/{len(ctx.stages)}"
             + (f"; stage {loaded} was trained and is evaluated now" if trained else ""))
     step_state = read_step_state(run_dir)
-    step_log = StepLog(run_dir if is_main else None, config.output.tensorboard)
-    if step_log.path and step_log.path.is_file():
-        trim_step_log(step_log.path, loaded, step_state)
+    trackers = Trackers(config, run_dir if is_main else None)
+    try:
+        step_log = StepLog(run_dir if is_main else None, trackers)
+        if step_log.path and step_log.path.is_file():
+            trim_step_log(step_log.path, loaded, step_state)
 
-    def save_progress(complete: bool) -> dict:
-        timings["total_s"] = previous_s + time.perf_counter() - started
-        record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
-                                 general_ppl, knowledge)
-        record["locate"] = locate_record
-        if is_main:
-            write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "knowledge": knowledge,
-                                     "locate": locate_record,
-                                     "R": R, "stages": stage_records, "trained": trained,
-                                     "checkpoints": checksums, "global_step": global_step, "timings": timings})
-            guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
-        return record
-
-    continual = all(len(s) == 1 for s in ctx.stages)
-    for stage in range(completed, len(ctx.stages)):
-        task_indices = ctx.stages[stage]
-        if trained is not None and trained["stage"] == stage:
-            train_stats = trained["train"]
-        else:
-            method.grow(stage, ctx)
-            method.before_task(stage, ctx)
-            examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
-            examples = method.training_examples(stage, examples, ctx)
-            resume_from = step_state if step_state and step_state["stage"] == stage else None
-            if resume_from:
-                log(f"resuming stage {stage + 1} after step {resume_from['step']}")
-            train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
-            global_step += train_stats["steps"]
-            method.after_task(stage, ctx)
-            figures = method.stage_metrics(stage)
-            if figures:
-                train_stats["method"] = figures
+        def save_progress(complete: bool) -> dict:
+            timings["total_s"] = previous_s + time.perf_counter() - started
+            record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
+                                     general_ppl, knowledge)
+            record["locate"] = locate_record
             if is_main:
-                path = checkpoint_path(run_dir, stage)
-                checksums[path.name] = save_checkpoint(ctx, method, stage)
-            trained = {"stage": stage, "train": train_stats}
+                write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "knowledge": knowledge,
+                                         "locate": locate_record,
+                                         "R": R, "stages": stage_records, "trained": trained,
+                                         "checkpoints": checksums, "global_step": global_step, "timings": timings})
+                guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
+            return record
+
+        continual = all(len(s) == 1 for s in ctx.stages)
+        for stage in range(completed, len(ctx.stages)):
+            task_indices = ctx.stages[stage]
+            if trained is not None and trained["stage"] == stage:
+                train_stats = trained["train"]
+            else:
+                method.grow(stage, ctx)
+                method.before_task(stage, ctx)
+                examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
+                examples = method.training_examples(stage, examples, ctx)
+                resume_from = step_state if step_state and step_state["stage"] == stage else None
+                if resume_from:
+                    log(f"resuming stage {stage + 1} after step {resume_from['step']}")
+                train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
+                global_step += train_stats["steps"]
+                method.after_task(stage, ctx)
+                figures = method.stage_metrics(stage)
+                if figures:
+                    train_stats["method"] = figures
+                if is_main:
+                    path = checkpoint_path(run_dir, stage)
+                    checksums[path.name] = save_checkpoint(ctx, method, stage)
+                trained = {"stage": stage, "train": train_stats}
+                save_progress(complete=False)
+                if is_main:
+                    clear_step_state(run_dir)
+                    drop_superseded_checkpoint(ctx, stage)
+            step_state = None
+
+            t0, hits = time.perf_counter(), ctx.eval_cache_hits
+            policy = config.eval.future_tasks if continual else "all"
+            row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
+                                     config.eval.task_id)
+            if config.eval.save_predictions:
+                write_predictions(ctx, predictions_path(run_dir, f"stage-{stage + 1:02d}"), info["predictions"],
+                                  f"stage-{stage + 1:02d}")
+            ppl = general_perplexity(ctx, method, max(task_indices))
+            last = stage == len(ctx.stages) - 1
+            known = general_knowledge(ctx, method, max(task_indices)) \
+                if config.eval.knowledge_every_stage or last else None
+            if known is not None:
+                knowledge.append(known)
+            eval_s = time.perf_counter() - t0
+            if ppl is not None:
+                general_ppl.append(ppl)
+            R.append(row)
+            trackers.log_stage(stage, names, row, ppl, known)
+            stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s,
+                                  "eval_reused": ctx.eval_cache_hits - hits,
+                                  **({"locator": info["locator"]} if info["locator"] else {})})
+            trained = None
             save_progress(complete=False)
-            if is_main:
-                clear_step_state(run_dir)
-                drop_superseded_checkpoint(ctx, stage)
-        step_state = None
-
-        t0, hits = time.perf_counter(), ctx.eval_cache_hits
-        policy = config.eval.future_tasks if continual else "all"
-        row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
-                                 config.eval.task_id)
-        if config.eval.save_predictions:
-            write_predictions(ctx, predictions_path(run_dir, f"stage-{stage + 1:02d}"), info["predictions"],
-                              f"stage-{stage + 1:02d}")
-        ppl = general_perplexity(ctx, method, max(task_indices))
-        last = stage == len(ctx.stages) - 1
-        known = general_knowledge(ctx, method, max(task_indices)) \
-            if config.eval.knowledge_every_stage or last else None
-        if known is not None:
-            knowledge.append(known)
-        eval_s = time.perf_counter() - t0
-        if ppl is not None:
-            general_ppl.append(ppl)
-        R.append(row)
-        stage_records.append({"tasks": [names[i] for i in task_indices], "train": train_stats, "eval_s": eval_s,
-                              "eval_reused": ctx.eval_cache_hits - hits,
-                              **({"locator": info["locator"]} if info["locator"] else {})})
-        trained = None
-        save_progress(complete=False)
-        log(f"stage {stage + 1}/{len(ctx.stages)} [{', '.join(names[i] for i in task_indices)}]: "
-            f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
-            f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
-            + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None)
-            + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else "")
-            + (f" | knowledge {known['mean']:.1f} ({known['mean'] - knowledge[0]['mean']:+.1f})" if known else ""))
-    step_log.close()
-    if (locate_record is None and method.has_locator and config.eval.locate_final
-            and config.eval.task_id == "oracle"):
-        t0 = time.perf_counter()
-        locate_record = evaluate_located_final(
-            ctx, method, predictions_path(run_dir, "final-located") if config.eval.save_predictions else None)
-        timings["locate_eval_s"] = time.perf_counter() - t0
-        log(f"final model with located task ids: AP {locate_record['AP']:.1f}, locator accuracy "
-            + ", ".join(f"{k} {v:.1f} %" for k, v in locate_record["locator_by_kind"].items()))
-    record = save_progress(complete=True)
+            log(f"stage {stage + 1}/{len(ctx.stages)} [{', '.join(names[i] for i in task_indices)}]: "
+                f"{train_stats['steps']} steps, loss {train_stats['final_loss']:.3f}, "
+                f"{train_stats['tokens_per_s']:.0f} tok/s, train {train_stats['seconds']:.0f}s, eval {eval_s:.0f}s | "
+                + "  ".join(f"{names[j]} {a:.1f}" for j, a in enumerate(row) if a is not None)
+                + (f" | general ppl {ppl:.2f} ({100 * (ppl / general_ppl[0] - 1):+.1f} %)" if ppl is not None else "")
+                + (f" | knowledge {known['mean']:.1f} ({known['mean'] - knowledge[0]['mean']:+.1f})" if known else ""))
+        if (locate_record is None and method.has_locator and config.eval.locate_final
+                and config.eval.task_id == "oracle"):
+            t0 = time.perf_counter()
+            locate_record = evaluate_located_final(
+                ctx, method, predictions_path(run_dir, "final-located") if config.eval.save_predictions else None)
+            timings["locate_eval_s"] = time.perf_counter() - t0
+            log(f"final model with located task ids: AP {locate_record['AP']:.1f}, locator accuracy "
+                + ", ".join(f"{k} {v:.1f} %" for k, v in locate_record["locator_by_kind"].items()))
+        record = save_progress(complete=True)
+        trackers.log_final(record["metrics"], len(ctx.stages))
+    finally:
+        trackers.finish()
     if is_main:
         from evolora.report import write_report
 
