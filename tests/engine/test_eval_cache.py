@@ -39,3 +39,21 @@ def test_fingerprint_changes_with_any_bit_of_any_tensor():
     assert fingerprint(nudged) != fingerprint(state)
     assert fingerprint({"a": torch.zeros(3, 1), "b": state["b"]}) != fingerprint(state)
     assert fingerprint({"c": torch.zeros(3), "b": state["b"]}) != fingerprint(state)
+
+
+def test_the_dev_split_is_scored_beside_test_and_never_answered_from_the_test_cache(tmp_path, tiny_config):
+    """data.dev_per_label: the final model is scored on each task's dev split too (kept as metrics.json's `dev`),
+    with the eval cache on; the dev figure is the dev split's own, not a cached test score."""
+    raw = tiny_config(tmp_path, "per_task_lora", data={"dev_per_label": 2, "train_per_label": 6},
+                      eval={"cache": True})
+    record = run(build_config(raw), log=lambda _: None)
+    dev = record["dev"]
+    tasks = record["stream"]["tasks"]
+    assert sorted(dev["n"]) == sorted(tasks) and all(n >= 4 for n in dev["n"].values())
+    assert dev["AP"] == pytest.approx(sum(dev["R_final"]) / len(tasks))
+    from evolora.reload import load_run
+
+    ctx, method = load_run(tmp_path / "run")
+    from evolora.engine.scoring import evaluate_dev
+
+    assert evaluate_dev(ctx, method)["R_final"] == dev["R_final"]  # a fresh evaluation, no cache: the same figures

@@ -18,7 +18,8 @@ from evolora.engine.checkpoints import (check_resume_config, checkpoint_path, dr
                                         load_checkpoint, save_checkpoint, trim_step_log)
 from evolora.engine.context import RunContext, build_context, count_parameters
 from evolora.engine.loop import StepLog, train_stage
-from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_located_final,
+from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_dev,
+                                    evaluate_located_final,
                                     evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
                                     write_predictions, zero_shot_row)
 from evolora.engine.trackers import Trackers, check_trackers
@@ -106,6 +107,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
     general_ppl: list[float] = list(progress.get("general_ppl", []))
     knowledge: list[dict] = list(progress.get("knowledge", []))
     locate_record: Optional[dict] = progress.get("locate")
+    dev_record: Optional[dict] = progress.get("dev")
 
     def evaluate_zero_shot(ctx: RunContext) -> None:
         nonlocal zero_shot
@@ -166,9 +168,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             record = _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, timings, complete,
                                      general_ppl, knowledge)
             record["locate"] = locate_record
+            record["dev"] = dev_record
             if is_main:
                 write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "knowledge": knowledge,
-                                         "locate": locate_record,
+                                         "locate": locate_record, "dev": dev_record,
                                          "R": R, "stages": stage_records, "trained": trained,
                                          "checkpoints": checksums, "global_step": global_step, "timings": timings})
                 guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
@@ -240,6 +243,11 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             timings["locate_eval_s"] = time.perf_counter() - t0
             log(f"final model with located task ids: AP {locate_record['AP']:.1f}, locator accuracy "
                 + ", ".join(f"{k} {v:.1f} %" for k, v in locate_record["locator_by_kind"].items()))
+        if dev_record is None and any(t.dev for t in ctx.tasks):
+            t0 = time.perf_counter()
+            dev_record = evaluate_dev(ctx, method)
+            timings["dev_eval_s"] = time.perf_counter() - t0
+            log(f"final model on the dev split (for choices; never the test split): AP {dev_record['AP']:.1f}")
         record = save_progress(complete=True)
         trackers.log_final(record["metrics"], len(ctx.stages))
     finally:

@@ -164,6 +164,23 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
     return row, {"predictions": predictions, "locator": locator}
 
 
+def evaluate_dev(ctx: RunContext, method: Method) -> dict:
+    """The final model on each task's dev split (carved from train, data.dev_per_label), task ids given: the
+    figure options are chosen by, kept beside the test figures and never mixed with them."""
+    import dataclasses
+
+    tasks, cache = ctx.tasks, ctx.eval_cache
+    ctx.tasks = [dataclasses.replace(t, test=list(t.dev)) for t in tasks]
+    ctx.eval_cache = {}  # keyed by task: the test split's scores must not answer for the dev split
+    try:
+        indices = [j for j, t in enumerate(tasks) if t.dev]
+        row, _ = evaluate_row(ctx, method, indices)
+    finally:
+        ctx.tasks, ctx.eval_cache = tasks, cache
+    scored = [row[j] for j in indices]
+    return {"R_final": row, "AP": sum(scored) / len(scored), "n": {tasks[j].name: len(tasks[j].dev) for j in indices}}
+
+
 def write_predictions(ctx: RunContext, path: Path, predictions: dict[str, list], label: str) -> None:
     """One JSON line per evaluated test example: `label` (the stage or evaluation it belongs to), task,
     index in the task's test set, input, gold answer, prediction, correct. Each process holds the

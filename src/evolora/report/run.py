@@ -203,6 +203,11 @@ def write_report(run_dir: Path) -> Path:
         f"<p>AP {interval['AP']:.2f}, 95 % bootstrap interval {interval['low']:.1f} … {interval['high']:.1f} "
         f"(each task's test set resampled {interval['samples']} times; n per task: "
         + ", ".join(f"{html.escape(t)} {n}" for t, n in interval["n"].items()) + ")</p>")
+    dev = metrics.get("dev")
+    if dev:
+        interval_html += (f"<p>Dev split (carved from train, for choosing options; never the test split): AP "
+                          f"{dev['AP']:.2f} over " + ", ".join(f"{html.escape(t)} {n}" for t, n in dev["n"].items())
+                          + " examples.</p>")
     config_path = run_dir / runfolder.CONFIG
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     env = metrics.get("environment") or {}
