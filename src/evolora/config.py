@@ -36,6 +36,9 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     """Load model weights from pickle (*.bin) files; off by default, since unpickling can run code."""
+    quantization: Optional[Literal["nf4", "int8"]] = None
+    """GPU only (bitsandbytes): the frozen base weights loaded 4-bit NF4 (QLoRA: compute in bf16) or 8-bit; for
+    methods that train adapters only (seq_lora, replay, ewc, lwf, multitask, olora, per_task_lora)."""
 
 
 class TaskSource(_Strict):

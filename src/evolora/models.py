@@ -208,6 +208,9 @@ def load_model(config: ModelConfig):
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.name == TINY:
+        if config.quantization:
+            raise EvoloraError("model.quantization: the tiny random model is built in memory, not loaded; quantize a "
+                               "hub or local model")
         model, tokenizer = tiny_llama()
         model = model.to(dtype)
     else:
@@ -220,11 +223,12 @@ def load_model(config: ModelConfig):
                 raise EvoloraError(f"model.name: {local} has no config.json (not a Hugging Face model folder)")
             if local.exists() and not config.allow_pickle:
                 _refuse_pickle_only(local)
+        quantized = quantization_kwargs(config, device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
                                                          use_safetensors=None if config.allow_pickle else True,
-                                                         trust_remote_code=config.trust_remote_code)
+                                                         trust_remote_code=config.trust_remote_code, **quantized)
         except (OSError, ValueError, KeyError, ImportError, TypeError) as exc:
             # a missing or bad folder, a bad config.json, remote code with trust off, an unknown architecture
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -236,7 +240,28 @@ def load_model(config: ModelConfig):
         param.requires_grad_(False)
     _contiguous_lm_head_input(model)
     model.eval()
+    if config.quantization:  # bitsandbytes placed the weights on the GPU; they cannot be moved
+        return model, tokenizer, device
     return model.to(device), tokenizer, device
+
+
+def quantization_kwargs(config: ModelConfig, device: torch.device) -> dict:
+    """from_pretrained's arguments for a bitsandbytes-quantized base (model.quantization), or none."""
+    if not config.quantization:
+        return {}
+    if device.type != "cuda":
+        raise EvoloraError(f"model.quantization: {config.quantization} needs a CUDA GPU (bitsandbytes); this run is "
+                           f"on {device.type}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EvoloraError("model.quantization: needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "nf4":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": quant, "device_map": {"": device.index or 0}}
 
 
 def _contiguous_lm_head_input(model) -> None:

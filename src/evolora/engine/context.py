@@ -80,10 +80,15 @@ def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
     bare base model (the zero-shot evaluation runs there)."""
     seed_everything(config.train.seed)
     tasks = build_stream(config.data)
+    method = build_method(config.method)
+    if config.model.quantization and not method.adapters_only:
+        from evolora.errors import ConfigError
+
+        raise ConfigError(f"model.quantization: {method.name} trains more than adapters on a quantized base; "
+                          "use a LoRA method (seq_lora, replay, ewc, lwf, multitask, olora, per_task_lora)")
     model, tokenizer, device = load_model(config.model)
     if note := bf16_emulation_note(next(model.parameters()).dtype, device):
         log(note)
-    method = build_method(config.method)
     method.base_parameter_ids = {id(p) for p in model.parameters()}
     accelerator = make_accelerator(config, model, device)
     prompts = PromptBuilder(tokenizer, config.data.max_input_tokens, config.model.chat_template)

@@ -103,6 +103,10 @@ class WithAddOns(Method):
         return self.method.answer_state(task_index)
 
     @property
+    def adapters_only(self):
+        return self.method.adapters_only
+
+    @property
     def has_locator(self):
         return self.method.has_locator
 

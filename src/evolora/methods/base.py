@@ -40,6 +40,8 @@ class Method:
     Options: ClassVar[type] = None
     """A dataclass of the method's options (validated from `method.options`)."""
     needs_hidden_states: ClassVar[bool] = False
+    adapters_only: ClassVar[bool] = False
+    """The method trains PEFT adapters only, never a base weight, so the base can be quantized (QLoRA)."""
 
     def __init__(self, options=None):
         self.options = options if options is not None else (self.Options() if self.Options else None)

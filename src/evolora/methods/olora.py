@@ -32,6 +32,7 @@ def orthogonality(old: list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
 @register
 class OLoRA(Method):
     name = "olora"
+    adapters_only = True
     Options = OLoRAOptions
     export_form = "lora"
 

@@ -14,6 +14,7 @@ from evolora.methods.seq_lora import activate_adapters, add_lora, ensure_task_ad
 @register
 class PerTaskLoRA(Method):
     name = "per_task_lora"
+    adapters_only = True
     Options = LoraOptions
     export_form = "lora"
 

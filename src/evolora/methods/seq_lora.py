@@ -40,6 +40,7 @@ def activate_adapters(model, active: list[str], trainable: str | None) -> None:
 @register
 class SeqLoRA(Method):
     name = "seq_lora"
+    adapters_only = True
     Options = LoraOptions
     export_form = "lora"
 
