@@ -128,11 +128,11 @@ def last_stage(model_name: str, method_name: str, batch: int, steps: int, stage:
         return ctx, method, 0, ctx.encode_train(last)
     for s in range(last):
         method.grow(s, ctx)
-        method.before_task(s, ctx)
+        method.before_stage(s, ctx)
         train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
-        method.after_task(s, ctx)
+        method.after_stage(s, ctx)
     method.grow(last, ctx)
-    method.before_task(last, ctx)
+    method.before_stage(last, ctx)
     return ctx, method, last, method.training_examples(last, ctx.encode_train(last), ctx)
 
 

@@ -44,7 +44,7 @@ def train_through(ctx, method, stop, start=0):
 
     for stage in range(start, stop):
         method.grow(stage, ctx)
-        method.before_task(stage, ctx)
+        method.before_stage(stage, ctx)
         examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
         train_stage(ctx, method, stage, examples, StepLog(None), 0)
-        method.after_task(stage, ctx)
+        method.after_stage(stage, ctx)

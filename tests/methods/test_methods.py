@@ -64,8 +64,8 @@ class Recorder(Method):
     def grow(self, stage, ctx):
         self.calls.append(("grow", stage))
 
-    def before_task(self, stage, ctx):
-        self.calls.append(("before_task", stage))
+    def before_stage(self, stage, ctx):
+        self.calls.append(("before_stage", stage))
 
     def training_examples(self, stage, examples, ctx):
         self.calls.append(("training_examples", stage, len(examples)))
@@ -76,8 +76,8 @@ class Recorder(Method):
             self.calls.append(("loss_terms", step.stage))
         return {"extra_penalty": (self.extra - 1.0).pow(2).sum()}
 
-    def after_task(self, stage, ctx):
-        self.calls.append(("after_task", stage))
+    def after_stage(self, stage, ctx):
+        self.calls.append(("after_stage", stage))
 
     @contextlib.contextmanager
     def route(self, task_index):
@@ -95,8 +95,8 @@ def test_engine_calls_hooks_in_order_and_adds_loss_terms(tmp_path, tiny_config):
         METHODS.pop("recorder_for_tests")
     names = [c[0] for c in Recorder.calls]
     assert names == ["setup",
-                     "grow", "before_task", "training_examples", "loss_terms", "after_task", "route",
-                     "grow", "before_task", "training_examples", "loss_terms", "after_task", "route", "route"]
+                     "grow", "before_stage", "training_examples", "loss_terms", "after_stage", "route",
+                     "grow", "before_stage", "training_examples", "loss_terms", "after_stage", "route", "route"]
     # the extra loss term trained the method's own parameter towards 1
     import json
 

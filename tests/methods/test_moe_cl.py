@@ -292,7 +292,7 @@ def test_replay_addon_routes_stored_examples_through_their_own_task(tmp_path, ti
     moe = method.method  # the wrapped MoE-CL: its experts
     method.grow(0, ctx)
     method.grow(1, ctx)
-    method.before_task(1, ctx)
+    method.before_stage(1, ctx)
     examples = method.training_examples(1, ctx.encode_train(1), ctx)
     stored = [e for e in examples if e.task_index == 0]
     assert len(stored) == 3 and len(examples) == len(ctx.tasks[1].train) + 3
@@ -451,7 +451,7 @@ def test_with_snapshots_an_old_task_can_take_the_newest_shared_expert(tmp_path, 
     for layer in range(len(method.experts.layers)):
         for p in method.experts.expert_parameters(layer, 0) + method.experts.expert_parameters(layer, 1):
             torch.nn.init.normal_(p, std=0.1)
-        method.experts.copy_expert(layer, 0, 2)  # task 0's snapshot, as after_task takes it
+        method.experts.copy_expert(layer, 0, 2)  # task 0's snapshot, as after_stage takes it
     method.grow(1, ctx)
     for layer in range(len(method.experts.layers)):
         for p in method.experts.expert_parameters(layer, 0):

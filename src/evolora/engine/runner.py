@@ -1,5 +1,5 @@
 """The run, top to bottom: load the stream and the model, let the method shape the model, evaluate
-zero-shot, then for each stage: grow -> before_task -> train -> after_task -> checkpoint -> evaluate.
+zero-shot, then for each stage: grow -> before_stage -> train -> after_stage -> checkpoint -> evaluate.
 The loop calls the method's declared hooks and never names a method."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
                 train_stats = trained["train"]
             else:
                 method.grow(stage, ctx)
-                method.before_task(stage, ctx)
+                method.before_stage(stage, ctx)
                 examples = [enc for i in task_indices for enc in ctx.encode_train(i)]
                 examples = method.training_examples(stage, examples, ctx)
                 resume_from = step_state if step_state and step_state["stage"] == stage else None
@@ -192,7 +192,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
                     log(f"resuming stage {stage + 1} after step {resume_from['step']}")
                 train_stats = train_stage(ctx, method, stage, examples, step_log, global_step, resume_from)
                 global_step += train_stats["steps"]
-                method.after_task(stage, ctx)
+                method.after_stage(stage, ctx)
                 figures = method.stage_metrics(stage)
                 if figures:
                     train_stats["method"] = figures

@@ -23,7 +23,7 @@ class AddOn:
     def setup(self, base_model: torch.nn.Module, ctx) -> None:
         """Sees the bare base model before the method wraps it."""
 
-    def before_task(self, stage: int, ctx) -> None: ...
+    def before_stage(self, stage: int, ctx) -> None: ...
 
     def training_examples(self, stage: int, examples: list, ctx) -> list:
         return examples
@@ -31,7 +31,7 @@ class AddOn:
     def loss_terms(self, step: StepInputs, ctx) -> dict[str, torch.Tensor]:
         return {}
 
-    def after_task(self, stage: int, ctx) -> None: ...
+    def after_stage(self, stage: int, ctx) -> None: ...
 
     def extra_metrics(self) -> dict[str, Any]:
         return {}
@@ -66,10 +66,10 @@ class WithAddOns(Method):
     def grow(self, stage, ctx):
         self.method.grow(stage, ctx)
 
-    def before_task(self, stage, ctx):
-        self.method.before_task(stage, ctx)
+    def before_stage(self, stage, ctx):
+        self.method.before_stage(stage, ctx)
         for addon in self.addons:
-            addon.before_task(stage, ctx)
+            addon.before_stage(stage, ctx)
 
     def training_examples(self, stage, examples, ctx):
         examples = self.method.training_examples(stage, examples, ctx)
@@ -83,10 +83,10 @@ class WithAddOns(Method):
             terms.update(addon.loss_terms(step, ctx))
         return terms
 
-    def after_task(self, stage, ctx):
-        self.method.after_task(stage, ctx)
+    def after_stage(self, stage, ctx):
+        self.method.after_stage(stage, ctx)
         for addon in self.addons:
-            addon.after_task(stage, ctx)
+            addon.after_stage(stage, ctx)
 
     @contextlib.contextmanager
     def route(self, task_index):

@@ -2,7 +2,7 @@
 runs (Avalanche-style). A method overrides only the hooks it needs.
 
 Per run:    setup
-Per stage:  grow -> before_task -> training_examples -> [loss_terms each step] -> after_task
+Per stage:  grow -> before_stage -> training_examples -> [loss_terms each step] -> after_stage
 Inference:  route(task_index) wraps every forward pass on that task's inputs; a method with a task
             locator (`has_locator`) also answers `locate` / `locate_new` (no task id at inference).
 On reload:  setup, grow for every finished stage, the checkpoint's tensors (less `reload_skip`), then
@@ -61,7 +61,7 @@ class Method:
         """Add the capacity a stage needs (new experts, new adapters). Also replayed on reload."""
 
     # --- training --------------------------------------------------------------------------------
-    def before_task(self, stage: int, ctx: RunContext) -> None:
+    def before_stage(self, stage: int, ctx: RunContext) -> None:
         """Work done before training a stage (probing, snapshots)."""
 
     def training_examples(self, stage: int, examples: list, ctx: RunContext) -> list:
@@ -72,7 +72,7 @@ class Method:
         """Extra loss terms added to the task loss, by name (they are logged under these names)."""
         return {}
 
-    def after_task(self, stage: int, ctx: RunContext) -> None:
+    def after_stage(self, stage: int, ctx: RunContext) -> None:
         """Work after a stage (freeze experts, Fisher, fit a locator)."""
 
     # --- inference -------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Method:
         return ["default"]
 
     def stage_metrics(self, stage: int) -> dict[str, Any]:
-        """Figures of the stage just finished, asked for after `after_task`. They are kept with the stage's
+        """Figures of the stage just finished, asked for after `after_stage`. They are kept with the stage's
         record in progress.json, so a resumed run still has those of the stages before the interruption."""
         return {}
 

@@ -156,7 +156,7 @@ class CMoE(LocatorHooks, Method):
         if stage in self.plan and stage not in self.applied:
             self._apply(stage)
 
-    def before_task(self, stage, ctx):
+    def before_stage(self, stage, ctx):
         if stage in self.applied:
             return
         n_layers = len(self.experts.layers)
@@ -286,7 +286,7 @@ class CMoE(LocatorHooks, Method):
         self.balance = []
         return {"balance": self.options.balance_weight * term} if self.options.balance_weight else {}
 
-    def after_task(self, stage, ctx):
+    def after_stage(self, stage, ctx):
         self.balance = []
         self.experts.clear()
         self.fit_locator(stage, ctx)

@@ -54,7 +54,7 @@ class EWC(SeqLoRA):
         params = dict(ctx.model.named_parameters())
         return {"ewc": self.options.lambda_ewc * ewc_penalty(params, self.fisher, self.anchor)}
 
-    def after_task(self, stage, ctx):
+    def after_stage(self, stage, ctx):
         from evolora.data.batching import collate_train
         from evolora.models import answer_loss
 

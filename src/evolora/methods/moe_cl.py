@@ -345,7 +345,7 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         # the mean over layers of each layer's cross-entropy
         return {"adversarial": F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(discriminators)))}
 
-    def after_task(self, stage, ctx):
+    def after_stage(self, stage, ctx):
         self.experts.clear()
         if self.options.shared_snapshots:
             for layer in range(len(self.experts.layers)):
