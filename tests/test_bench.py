@@ -128,6 +128,11 @@ def test_an_interrupted_suite_run_is_resumed_and_expert_runs_get_oracle_and_loca
     done = run_suite(tmp_path / "suite.yaml", log=logs.append)
     assert any("resuming" in line for line in logs) and any("resumed after stage 1" in line for line in logs)
     assert done[0].name == "moe_cl_memory=0.json"
+    kept = json.loads(done[0].read_text())
+    located = kept["locate"]["final_correct"]  # the located predictions' correctness, beside the oracle one
+    assert sorted(located) == sorted(kept["final_correct"]) == sorted(kept["stream"]["tasks"])
+    assert [100.0 * located[t].count("1") / len(located[t]) for t in kept["stream"]["tasks"]] == \
+        pytest.approx(kept["locate"]["R_final"])
     table = results_markdown(done)
     assert "| moe_cl/memory=0 (oracle) |" in table and "| moe_cl/memory=0 (locate) |" in table
 

@@ -129,7 +129,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
 def add_final_correctness(metrics: dict, run_dir: Path) -> None:
     """The final model's per-example correctness ("0"/"1" per test example, per task) goes into the results file,
     with task ids given and, for methods with a locator, located: the paired intervals of docs/RESULTS.md need it."""
-    from evolora.report import predictions_path, read_final_predictions
+    from evolora.report.run import predictions_path, read_correctness, read_final_predictions
 
     def bits(correct: dict) -> dict[str, str]:
         return {task: "".join("1" if c else "0" for c in values) for task, values in correct.items()}
@@ -139,11 +139,7 @@ def add_final_correctness(metrics: dict, run_dir: Path) -> None:
         metrics["final_correct"] = bits(oracle)
     located = predictions_path(run_dir, "final-located")
     if metrics.get("locate") and located.is_file():
-        correct: dict[str, list[bool]] = {}
-        for line in located.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            correct.setdefault(row["task"], []).append(bool(row["correct"]))
-        metrics["locate"]["final_correct"] = bits(correct)
+        metrics["locate"]["final_correct"] = bits(read_correctness(located))
 
 
 def _backfill_correctness(target: Path, run_dir: Path) -> None:

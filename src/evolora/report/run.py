@@ -43,8 +43,13 @@ def read_final_predictions(run_dir: Path, metrics: dict) -> dict[str, list[bool]
         if not path.is_file() or evaluated.get("overrides") or evaluated.get("mode") != metrics.get("eval_mode") \
                 or evaluated.get("task_id") != "oracle":
             return None
+    return read_correctness(path)
+
+
+def read_correctness(path: Path) -> dict[str, list[bool]]:
+    """A predictions file as task -> per-example correctness, in the file's order."""
     correct: dict[str, list[bool]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
             correct.setdefault(row["task"], []).append(bool(row["correct"]))
