@@ -238,3 +238,24 @@ def test_a_forty_run_comparison_stays_readable(tmp_path):
     finally:
         plt.Axes.plot = real_plot
     assert len(styles) == 40
+
+
+def test_a_suite_with_a_headline_splits_its_rows_and_says_where_options_were_chosen(tmp_path):
+    from evolora.bench import Suite
+
+    files = []
+    for label, order in (("seq_lora", 1), ("seq_lora", 2), ("moe_cl/evolora", 1), ("moe_cl/lambda=0", 1)):
+        m = {"method": label.split("/")[0], "name": label, "metrics": {"AP": 50.0}, "R": [[50.0]],
+             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
+             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label}}
+        path = tmp_path / f"{label.replace('/', '_')}-{order}.json"
+        path.write_text(json.dumps(m))
+        files.append(path)
+    suite = Suite(name="s", base="b.yaml", headline=["seq_lora", "moe_cl/evolora"],
+                  runs=[{"method": "seq_lora"}, {"method": "moe_cl", "label": "moe_cl/evolora", "chosen_on": "order 1 dev"},
+                        {"method": "moe_cl", "label": "moe_cl/lambda=0"}])
+    table = results_markdown(files, {"s": suite.table_layout()})
+    headline, ablations = table.split("### Ablations (order 1)")
+    assert "| seq_lora (2 orders) |" in headline and "| moe_cl/evolora |" in headline and "lambda=0" not in headline
+    assert "| moe_cl/lambda=0 |" in ablations
+    assert "- `moe_cl/evolora`: chosen on order 1 dev" in table

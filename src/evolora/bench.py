@@ -26,6 +26,8 @@ class SuiteRun(BaseModel):
     label: Optional[str] = None
     """Name in the table; default: the method name and its add-ons joined with `+`."""
     set: list[str] = Field(default_factory=list)
+    chosen_on: Optional[str] = None
+    """What this run's option values were chosen on (e.g. `order 1 dev`); docs/RESULTS.md says it beside the row."""
 
     @property
     def name(self) -> str:
@@ -42,6 +44,13 @@ class Suite(BaseModel):
     runs_dir: str = "runs/bench"
     """Where the runs' folders go (any path: a run folder is replaced only when evolora marked it)."""
     runs: list[SuiteRun]
+    headline: list[str] = Field(default_factory=list)
+    """Labels of the headline table (the protocol's methods); the other runs form the Ablations table below it."""
+
+    def table_layout(self) -> dict:
+        """What docs/RESULTS.md needs of the suite besides its results files."""
+        return {"headline": list(self.headline),
+                "chosen_on": {run.name: run.chosen_on for run in self.runs if run.chosen_on}}
 
     @field_validator("name")
     @classmethod

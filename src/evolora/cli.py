@@ -202,7 +202,10 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         run_suite(suite, only, log=_echo, orders=order_list, rerun=rerun)
     spec = load_suite(suite)
     files = all_result_files(suite.parent / spec.results, suite)
-    _echo(f"results table: {write_results(files, results_md)} ({len(files)} runs)")
+    # the table covers every suite with results under this root: each suite file beside this one lays out its own
+    layouts = {other.name: other.table_layout() for other in
+               [spec] + [load_suite(path) for path in sorted(suite.parent.glob("*_suite.yaml")) if path != suite]}
+    _echo(f"results table: {write_results(files, results_md, layouts)} ({len(files)} runs)")
     if files:  # the comparison covers every finished run of the suite, like the table
         import json
 

@@ -73,7 +73,9 @@ def aggregated_rows(label: str, runs: list[dict]) -> list[list[str]]:
     return rows
 
 
-def results_markdown(result_files: list[Path]) -> str:
+def results_markdown(result_files: list[Path], layouts: dict | None = None) -> str:
+    """The tables of docs/RESULTS.md. `layouts` (suite name -> Suite.table_layout()) splits a suite's rows into
+    its headline table and an Ablations table, and says where each run's options were chosen."""
     by_suite: dict[str, list[dict]] = {}
     for path in result_files:
         metrics = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -94,9 +96,26 @@ def results_markdown(result_files: list[Path]) -> str:
         note = next((m["bench"]["note"] for m in runs if m.get("bench", {}).get("note")), None)
         if note:
             body += [f"Every row here was {note}.", ""]
-        body += [header, rule]
-        for group in _aggregate(runs):
-            body += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
+        layout = (layouts or {}).get(suite, {})
+        headline = set(layout.get("headline", []))
+        groups = _aggregate(runs)
+        tables = [("", groups)]
+        if headline:
+            rest = [g for g in groups if g["label"] not in headline]
+            orders = sorted({str(m["stream"].get("order")) for g in rest for m in g["runs"]})
+            tables = [("", [g for g in groups if g["label"] in headline]),
+                      (f"### Ablations (order {', '.join(orders)})", rest)]
+        for title, chosen in tables:
+            if not chosen:
+                continue
+            body += ([title, ""] if title else []) + [header, rule]
+            for group in chosen:
+                body += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
+            body += [""]
+        chosen_on = layout.get("chosen_on", {})
+        if chosen_on:
+            body += ["Where option values were chosen:", ""] + [f"- `{label}`: chosen on {where}"
+                                                              for label, where in chosen_on.items()] + [""]
         body += paired_section(runs)
         for metrics in runs:
             b = metrics.get("bench", {})
@@ -107,8 +126,8 @@ def results_markdown(result_files: list[Path]) -> str:
     return "\n".join(lines + body + ["", "Runs:", ""] + notes) + "\n"
 
 
-def write_results(result_files: list[Path], out: Path) -> Path:
-    atomic.write_text(out, results_markdown(result_files))
+def write_results(result_files: list[Path], out: Path, layouts: dict | None = None) -> Path:
+    atomic.write_text(out, results_markdown(result_files, layouts))
     return out
 
 
