@@ -139,16 +139,14 @@ def add_final_correctness(metrics: dict, run_dir: Path) -> None:
     """The final model's per-example correctness ("0"/"1" per test example, per task) goes into the results file,
     with task ids given and, for methods with a locator, located: the paired intervals of docs/RESULTS.md need it."""
     from evolora.report.run import predictions_path, read_correctness, read_final_predictions
-
-    def bits(correct: dict) -> dict[str, str]:
-        return {task: "".join("1" if c else "0" for c in values) for task, values in correct.items()}
+    from evolora.report.tables import pack_correct
 
     oracle = read_final_predictions(run_dir, metrics)
     if oracle:
-        metrics["final_correct"] = bits(oracle)
+        metrics["final_correct"] = pack_correct(oracle)
     located = predictions_path(run_dir, "final-located")
     if metrics.get("locate") and located.is_file():
-        metrics["locate"]["final_correct"] = bits(read_correctness(located))
+        metrics["locate"]["final_correct"] = pack_correct(read_correctness(located))
 
 
 def _backfill_correctness(target: Path, run_dir: Path) -> None:

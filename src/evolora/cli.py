@@ -190,7 +190,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
     from evolora.bench import all_result_files, load_suite, run_suite
     from evolora.report.compare import compare
-    from evolora.report.tables import write_results
+    from evolora.report.tables import unpack_correct, write_results
 
     try:
         order_list = [int(x) for x in orders.split(",")] if orders else None
@@ -210,7 +210,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         import json
 
         results = [json.loads(p.read_text()) for p in files]
-        kept = [{t: [c == "1" for c in bits] for t, bits in r["final_correct"].items()} if r.get("final_correct")
+        kept = [unpack_correct(r["final_correct"]) if r.get("final_correct")
                 else None for r in results]  # AP intervals on the bars where a result kept its correctness
         plots = compare(results, suite.parent / spec.results / spec.name / "comparison", kept)
         _echo("comparison: " + ", ".join(str(p) for p in plots.values()))

@@ -298,5 +298,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return build_config(load_yaml(path), overrides, source=str(path))
 
 
+def flatten(obj, prefix: str = "") -> dict:
+    """Nested dicts (a dumped config) as one dict of dotted keys (`train.lr`) to their leaf values."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

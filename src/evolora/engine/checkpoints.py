@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from evolora import atomic, runfolder
-from evolora.config import RunConfig
+from evolora.config import RunConfig, flatten
 from evolora.engine.context import RunContext
 from evolora.engine.state import load_tensors, save_tensors
 from evolora.errors import EvoloraError
@@ -53,16 +53,8 @@ def check_resume_config(config: RunConfig, run_dir: Path) -> None:
 
     saved = load_config(run_dir / runfolder.CONFIG)
 
-    def flat(obj, prefix=""):
-        if isinstance(obj, dict):
-            out = {}
-            for k, v in obj.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: obj}
-
     ignore = {"output.dir", "output.overwrite"}
-    mine, theirs = flat(config.model_dump(mode="json")), flat(saved.model_dump(mode="json"))
+    mine, theirs = flatten(config.model_dump(mode="json")), flatten(saved.model_dump(mode="json"))
     for key in sorted(set(mine) | set(theirs)):
         if key not in ignore and mine.get(key) != theirs.get(key):
             raise EvoloraError(f"--resume: {key} is {mine.get(key)!r} here but {theirs.get(key)!r} in "

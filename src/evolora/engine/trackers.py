@@ -16,21 +16,17 @@ from pathlib import Path
 from typing import Optional
 
 from evolora import runfolder
-from evolora.config import RunConfig
+from evolora.config import RunConfig, flatten
 from evolora.errors import ConfigError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny sqlalchemy alembic"}
 
 
-def _flat(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        out = {}
-        for key, value in obj.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    if isinstance(obj, (list, tuple)):
-        return {prefix[:-1]: ", ".join(map(str, obj))}
-    return {prefix[:-1]: obj if isinstance(obj, (int, float, str, bool)) else str(obj)}
+def _hyperparameters(config: RunConfig) -> dict:
+    """The config as flat hyperparameters; lists and other values the trackers cannot take become text."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else
+            (", ".join(map(str, value)) if isinstance(value, list) else str(value))
+            for key, value in flatten(config.model_dump(mode="json")).items()}
 
 
 def check_trackers(config: RunConfig) -> None:
@@ -63,7 +59,7 @@ class Trackers:
                 raise ConfigError(f"output.trackers: {name} needs the {PACKAGES[name]} package: "
                                   f"pip install {PACKAGES[name]}") from None
         for tracker in self.trackers:
-            tracker.store_init_configuration(_flat(config.model_dump(mode="json")))
+            tracker.store_init_configuration(_hyperparameters(config))
 
     @staticmethod
     def _make(name: str, config: RunConfig, run_dir: Path):

@@ -131,6 +131,15 @@ def write_results(result_files: list[Path], out: Path, layouts: dict | None = No
     return out
 
 
+def pack_correct(correct: dict[str, list[bool]]) -> dict[str, str]:
+    """Per-example correctness as one "0"/"1" string per task (how results files keep it)."""
+    return {task: "".join("1" if c else "0" for c in values) for task, values in correct.items()}
+
+
+def unpack_correct(bits: dict[str, str]) -> dict[str, list[bool]]:
+    return {task: [c == "1" for c in values] for task, values in bits.items()}
+
+
 REFERENCES = ("seq_lora", "replay", "multitask")
 """The rows every other row's AP is compared with (when the suite has them and both kept their predictions)."""
 
@@ -156,9 +165,10 @@ def _pooled(reference: dict, other: dict) -> tuple[dict, dict] | None:
         mine, theirs = other[order], ref_of(order)
         if mine.keys() != theirs.keys() or any(len(mine[t]) != len(theirs[t]) for t in mine):
             return None
+        mine_bool, theirs_bool = unpack_correct(mine), unpack_correct(theirs)
         for task in mine:
-            a[f"{order}:{task}"] = [c == "1" for c in theirs[task]]
-            b[f"{order}:{task}"] = [c == "1" for c in mine[task]]
+            a[f"{order}:{task}"] = theirs_bool[task]
+            b[f"{order}:{task}"] = mine_bool[task]
     return (a, b) if a else None
 
 
