@@ -73,7 +73,7 @@ def method_step_count(model_name: str, method_name: str, batch: int, stage: int,
     torch.optim.AdamW.step = without_optimizer(counter)
     try:
         with counter:
-            result = train_stage(ctx, method, index, examples, StepLog(None, False), 0)
+            result = train_stage(ctx, method, index, examples, StepLog(None), 0)
     finally:
         torch.optim.AdamW.step = original
     return counter.counts, result["steps"]
@@ -93,7 +93,8 @@ def main() -> None:
         print(f"plain PEFT LoRA step: {reference} kernel-launching operations (reference = 1.00)")
         print(f"{'method':>18}  per step  ÷ PEFT  most frequent")
         for method_name in args.methods:
-            counts, steps = method_step_count(model_name, method_name, args.batch, args.stage)
+            with speed.fusion(method_name):
+                counts, steps = method_step_count(model_name, method_name, args.batch, args.stage)
             per_step = sum(counts.values()) / steps
             top = ", ".join(f"{name} {n / steps:.0f}" for name, n in counts.most_common(5))
             print(f"{method_name:>18}  {per_step:8.0f}  {per_step / reference:6.2f}  {top}")

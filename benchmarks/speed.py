@@ -8,12 +8,14 @@ allocated for each method's run).
 
 A method is named as in the results table, with options after a colon: `moe_cl`, `moe_cl:variant=evolora`,
 `seq_lora+gere`, `moe_cl+gere:variant=evolora` (options go to the method; GeRe reads the general texts
-of ../shared/data/general when they are there).
+of ../shared/data/general when they are there). A trailing `@unfused` runs MoE-CL's FFN mix as two FFN passes
+(the form before the fused one), to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from evolora.data.tasks import Example, Task
 from evolora.engine import StepLog, build_context, train_stage
 from evolora.evaluation import score_candidates
 from evolora.methods.base import LoraOptions
+from evolora.methods.experts import MixedFFN
 from evolora.methods.seq_lora import add_lora
 from evolora.models import Bf16ProductsInFp32, cpu_has_fast_bf16, emulates_bf16, resolve_device, resolve_dtype
 
@@ -46,9 +49,19 @@ def synthetic_task(name: str, n: int) -> Task:
                 DBPEDIA_LABELS, examples, examples[:16])
 
 
+@contextlib.contextmanager
+def fusion(spec: str):
+    """While inside, MoE-CL's FFN mix is fused unless `spec` ends with `@unfused`."""
+    previous, MixedFFN.FUSE = MixedFFN.FUSE, not spec.endswith("@unfused")
+    try:
+        yield
+    finally:
+        MixedFFN.FUSE = previous
+
+
 def method_section(spec: str) -> dict:
-    """`name[+addon...][:key=value,...]` -> the config's method section."""
-    names, _, opts = spec.partition(":")
+    """`name[+addon...][:key=value,...][@unfused]` -> the config's method section."""
+    names, _, opts = spec.removesuffix("@unfused").partition(":")
     method, *addons = names.split("+")
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in opts.split(",") if item)}
     # GeRe's step cost does not depend on how many general texts it holds: 64 keep its setup short.
@@ -129,7 +142,7 @@ def last_stage(model_name: str, method_name: str, batch: int, steps: int, stage:
     for s in range(last):
         method.grow(s, ctx)
         method.before_stage(s, ctx)
-        train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None, False), 0)
+        train_stage(ctx, method, s, method.training_examples(s, ctx.encode_train(s), ctx), StepLog(None), 0)
         method.after_stage(s, ctx)
     method.grow(last, ctx)
     method.before_stage(last, ctx)
@@ -139,7 +152,7 @@ def last_stage(model_name: str, method_name: str, batch: int, steps: int, stage:
 def method_tokens_per_s(model_name: str, method_name: str, batch: int, steps: int, stage: int = 2) -> float:
     """The engine's step for the method in stage `stage` (see `last_stage`)."""
     ctx, method, index, examples = last_stage(model_name, method_name, batch, steps, stage)
-    return train_stage(ctx, method, index, examples, StepLog(None, False), 0)["tokens_per_s"]
+    return train_stage(ctx, method, index, examples, StepLog(None), 0)["tokens_per_s"]
 
 
 def scoring_ratio(model_name: str) -> float:
@@ -197,7 +210,8 @@ def main() -> None:
         for method_name in args.methods:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            tps = method_tokens_per_s(model_name, method_name, args.batch, args.steps, args.stage)
+            with fusion(method_name):
+                tps = method_tokens_per_s(model_name, method_name, args.batch, args.steps, args.stage)
             print(f"{method_name:>16}  {tps:8.0f}  {reference / tps:21.2f}  {peak_mb():11.0f}")
         print(f"label scoring, 14-label task / 1-label task: {scoring_ratio(model_name):.2f}x the time")
 

@@ -9,6 +9,7 @@ from evolora.config import build_config
 from evolora.data.batching import collate_train
 from evolora.engine import build_context, run
 from evolora.errors import ConfigError
+from evolora.methods.experts import MixedFFN, pool_recorded
 from evolora.methods.moe_cl import GradientReversal
 
 
@@ -177,11 +178,11 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
     with torch.no_grad(), method.batch_route(batch.task_ids):
         out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"]
-        mask = batch.attention_mask.unsqueeze(-1).float()
+        mask = batch.attention_mask.float()
         per_layer = [torch.nn.functional.cross_entropy(
             method.container.discriminators[str(layer)](
-                (method.experts.routing[layer].recorded.float() * mask).sum(1) / mask.sum(1)), batch.task_ids)
-            for layer in method.disc_layers]
+                pool_recorded(method.experts.routing[layer].recorded, mask / mask.sum(1, keepdim=True))),
+            batch.task_ids) for layer in method.disc_layers]
     assert len(per_layer) > 1 and torch.allclose(term, torch.stack(per_layer).mean(), atol=1e-5)
     method.options.adversarial_weight = -1.0  # same term without the reversal: a plain classifier loss
     shared_plain, disc_plain = grads()
@@ -525,3 +526,45 @@ def test_the_reference_double_softmax_is_an_option_and_bounds_the_term(tmp_path,
                                                 ctx)["adversarial"].item())
         worst[loss] = max(values)
     assert worst["probs"] <= math.log(len(ctx.tasks)) + 1.0 < worst["logits"]
+
+
+@pytest.mark.parametrize("mixed_tasks", [False, True])
+def test_the_fused_ffn_mix_equals_two_ffn_passes(tmp_path, tiny_config, mixed_tasks):
+    """The fused FFN (base projections once, the down projection on the gate-mixed inner activations) gives the
+    two-pass mix's logits, gradients and discriminator features, for one task per batch and for mixed tasks."""
+    from evolora.methods.base import StepInputs
+
+    ctx, method = moe_context(tmp_path, tiny_config, dropout=0.0, memory_per_task=2)
+    for stage in range(2):
+        method.grow(stage, ctx)
+    torch.manual_seed(0)
+    for layer in range(len(method.experts.layers)):
+        for expert in range(method.experts.num_experts(layer)):
+            for p in method.experts.expert_parameters(layer, expert):
+                torch.nn.init.normal_(p, std=0.1)
+    ffns = [m for m in ctx.model.modules() if isinstance(m, MixedFFN)]
+    assert ffns and all(m.fused for m in ffns)
+    examples = method.training_examples(1, ctx.encode_train(1), ctx)
+    chosen = examples[:3] + examples[-2:] if mixed_tasks else examples[:4]
+    batch = collate_train(chosen, ctx.tokenizer.pad_token_id).to(ctx.device)
+    assert len(set(batch.task_ids.tolist())) == (2 if mixed_tasks else 1)
+    ctx.model.train()
+    trained = [p for p in ctx.model.parameters() if p.requires_grad]
+    results = []
+    for fused in (True, False):
+        for m in ffns:
+            m.fused = fused
+        ctx.model.zero_grad()
+        with method.batch_route(batch.task_ids):
+            out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids)
+        mask = batch.attention_mask.float()
+        features = pool_recorded(method.experts.routing[1].recorded, mask / mask.sum(1, keepdim=True))
+        term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"]
+        (out.logits.float().pow(2).mean() + term).backward()
+        results.append((out.logits.detach(), features.detach(), [p.grad.clone() for p in trained]))
+    (fused_logits, fused_features, fused_grads), (plain_logits, plain_features, plain_grads) = results
+    assert torch.allclose(fused_logits, plain_logits, atol=1e-5)
+    assert torch.allclose(fused_features, plain_features, atol=1e-5)
+    assert len(fused_grads) > 4 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused_grads, plain_grads))
+    assert any(g.abs().sum() > 0 for g in fused_grads)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, ClassVar, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,25 @@ class ExpertLinear(nn.Module):
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(b))
         return self.num_experts - 1
+
+    def slot_deltas(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For inputs x [k, B, T, in], one per slot of the layer's `Route` (an expanded view when they are the
+        same): the ungated deltas  s * B_e A_e x  [k, B, T, out] of each slot's expert (each with its own LoRA
+        dropout in training), A_e x [k, B, T, r], and B_e [k, out, r] (or [k, B, out, r] per sample). Two
+        batched products whatever k."""
+        routing = self.routing
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
+        if routing.common is not None:
+            A = torch.stack([self.lora_A[e] for e in routing.common]).to(x.dtype)  # [k, r, in]
+            B = torch.stack([self.lora_B[e] for e in routing.common]).to(x.dtype)  # [k, out, r]
+            xa = torch.matmul(x.flatten(1, 2), A.transpose(1, 2))  # [k, B*T, r]
+            delta = torch.matmul(xa * self.scaling, B.transpose(1, 2)).unflatten(1, x.shape[1:3])
+            return delta, xa.unflatten(1, x.shape[1:3]), B
+        A = torch.stack(tuple(self.lora_A))[routing.experts.T].to(x.dtype)  # [k, B, r, in]
+        B = torch.stack(tuple(self.lora_B))[routing.experts.T].to(x.dtype)  # [k, B, out, r]
+        xa = torch.matmul(x, A.transpose(2, 3))  # [k, B, T, r]
+        return torch.matmul(xa * self.scaling, B.transpose(2, 3)), xa, B
 
     def remove_last_expert(self) -> None:
         self.lora_A = nn.ParameterList(list(self.lora_A)[:-1])
@@ -251,13 +270,53 @@ class GradientReversal(torch.autograd.Function):
         return -ctx.weight * grad, None
 
 
+class SharedRecord(NamedTuple):
+    """The fused FFN's record of the shared expert for a discriminator: its FFN output is W h + s B xa, so its
+    token mean is W (token mean of h) + s B (token mean of xa), with no [B, T, D] product."""
+
+    hidden: torch.Tensor
+    """h [B, T, inner]: the shared expert's input to the down projection."""
+    base: nn.Linear
+    """W: the frozen down projection."""
+    xa: Optional[torch.Tensor] = None
+    """[B, T, r]: A of h after LoRA dropout; None when the down projection has no experts."""
+    lora_b: Optional[torch.Tensor] = None
+    """B [out, r] (or [B, out, r] per sample), already in the activations' dtype."""
+    scaling: float = 1.0
+
+
+def pool_recorded(recorded: Union[torch.Tensor, SharedRecord], mask: torch.Tensor) -> torch.Tensor:
+    """The weighted token mean ([B, D], float32) of a recorded shared-expert output; `mask` [B, T] holds each
+    token's weight (the attention mask over its sum)."""
+    if isinstance(recorded, torch.Tensor):
+        return torch.einsum("btd,bt->bd", recorded.float(), mask)
+    pooled = F.linear(torch.einsum("bti,bt->bi", recorded.hidden.float(), mask), recorded.base.weight.float())
+    if recorded.xa is not None:
+        xa = torch.einsum("btr,bt->br", recorded.xa.float(), mask)
+        b = recorded.lora_b.float()
+        delta = F.linear(xa, b) if b.dim() == 2 else torch.einsum("br,bor->bo", xa, b)
+        pooled = pooled + delta * recorded.scaling
+    return pooled
+
+
 class MixedFFN(nn.Module):
     """The paper's mixing: the FFN with the shared expert's deltas and the FFN with the task expert's,
-    outputs mixed per token by the gate. Both run in one call of the wrapped FFN over 2B rows."""
+    outputs mixed per token by the gate.
+
+    For a gated FFN (Llama's down(act(gate(x)) * up(x)), no bias) the mix is computed in one pass (`fused`):
+    the base gate and up projections run once, each expert adds its deltas to get its own inner activation
+    h_e, and since the down projection is linear,  sum_e w_e (W h_e + s B_e A_e h_e) = W (sum_e w_e h_e) +
+    sum_e w_e s B_e A_e h_e : the base down projection also runs once. The same sum as two FFN passes up to
+    rounding, at about the cost of one. Any other FFN runs twice, in one call over 2B rows."""
+
+    FUSE: ClassVar[bool] = True
+    """Whether new instances fuse (benchmarks/speed.py and launch_count.py turn it off to compare)."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.mlp = mlp
+        self.fused = self.FUSE and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
+            and getattr(_base(mlp.down_proj), "bias", None) is None
         self.routing = None
         """The layer's LayerRouting, set once the experts are installed."""
 
@@ -269,6 +328,8 @@ class MixedFFN(nn.Module):
             if w is not None and routing.record == "ffn":
                 routing.recorded = out
             return out
+        if self.fused:
+            return self._fused(x, w)
         slots = torch.eye(2, device=w.device, dtype=w.dtype)
         routing.set(Route(torch.cat([chosen, chosen]), torch.cat([slots[0].expand_as(w), slots[1].expand_as(w)]),
                           common))
@@ -278,3 +339,31 @@ class MixedFFN(nn.Module):
         if routing.record == "ffn":
             routing.recorded = out_shared
         return w[..., :1].to(out.dtype) * out_shared + w[..., 1:].to(out.dtype) * out_task
+
+    def _fused(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        mlp, routing = self.mlp, self.routing
+        hidden = mlp.act_fn(_per_slot(mlp.gate_proj, x)) * _per_slot(mlp.up_proj, x)  # [2, B, T, inner]
+        w = w.to(x.dtype).permute(2, 0, 1).unsqueeze(-1)  # [2, B, T, 1]
+        down = mlp.down_proj
+        out = _base(down)((w * hidden).sum(0))
+        record = SharedRecord(hidden[0], _base(down))
+        if isinstance(down, ExpertLinear) and down.num_experts:
+            delta, xa, b = down.slot_deltas(hidden)
+            out = out + (w * delta).sum(0).to(out.dtype)
+            record = SharedRecord(hidden[0], _base(down), xa[0], b[0], down.scaling)
+        if routing.record == "ffn":
+            routing.recorded = record
+        return out
+
+
+def _base(linear: nn.Module) -> nn.Module:
+    return linear.base if isinstance(linear, ExpertLinear) else linear
+
+
+def _per_slot(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection's output [2, B, T, out] for each of the two slots' experts on the same input; the base
+    product once."""
+    out = _base(linear)(x)
+    if not isinstance(linear, ExpertLinear) or not linear.num_experts:
+        return out.expand(2, *out.shape)
+    return out + linear.slot_deltas(x.expand(2, *x.shape))[0].to(out.dtype)

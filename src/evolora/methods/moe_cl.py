@@ -35,7 +35,7 @@ from torch import nn
 
 from evolora.data.prompting import Encoded
 from evolora.methods.base import Method
-from evolora.methods.experts import ExpertModel, GradientReversal, MixedFFN, Route, decoder_layers
+from evolora.methods.experts import ExpertModel, GradientReversal, MixedFFN, Route, decoder_layers, pool_recorded
 from evolora.methods.locator import LocatorHooks, LocatorOptions
 from evolora.methods.reassign import ReassignHooks
 from evolora.methods.registry import register
@@ -328,10 +328,10 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         labels = step.batch.task_ids
         seen = step.stage + 1
         # every chosen layer's discriminator in one batched pass (a loop over 30 layers is 30x the kernel launches)
-        shared = torch.stack([self.experts.routing[layer].recorded for layer in self.disc_layers]).float()  # [L, B, T, D]
         mask = step.batch.attention_mask.float()
         mask = mask / mask.sum(1, keepdim=True).clamp(min=1)
-        features = GradientReversal.apply(torch.einsum("lbtd,bt->lbd", shared, mask), self.options.adversarial_weight)
+        pooled = torch.stack([pool_recorded(self.experts.routing[layer].recorded, mask) for layer in self.disc_layers])
+        features = GradientReversal.apply(pooled, self.options.adversarial_weight)  # [L, B, D]
         discriminators = [self.container.discriminators[str(layer)] for layer in self.disc_layers]
         logits = _stacked_linear([d[0] for d in discriminators], features)
         if len(discriminators[0]) > 1:  # the MLP form: linear, GELU, linear
