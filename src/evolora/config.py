@@ -130,6 +130,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=100, ge=0)
     """Save the mid-stage step state (trainable weights, optimizer, scheduler, RNG) every N optimizer
     steps, so a crash loses at most N steps; 0 = only at the end of each stage."""
+    fsdp: bool = False
+    """With several processes: shard parameters, gradients and optimizer state over them (torch FSDP2), for a
+    model that does not fit one device; methods whose parameters are fixed after setup (docs/scaling.md). A
+    sharded run saves no mid-stage step state (a resume restarts the stage)."""
 
 
 class EvalConfig(_Strict):

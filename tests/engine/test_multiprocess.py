@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -59,3 +60,62 @@ def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config
     with ctx.model.disable_adapter():
         row, _ = evaluate_row(ctx, Method(), [0, 1])
     assert row == metrics["zero_shot"]
+
+
+def _two_processes(tmp_path, raw, name):
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({**raw, "output": {**raw["output"], "dir": str(tmp_path / name)}}))
+    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "evolora", "run", str(config)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / name, env
+
+
+def test_fsdp_over_two_processes_trains_as_ddp_does(tmp_path, tiny_config):
+    """train.fsdp shards a full fine-tuning run over two CPU processes (torch FSDP2, gloo): the same batches
+    as DDP give the same weights (the checkpoint gathers the shards whole) and the same R, and a one-process
+    `evolora eval` of its checkpoint reproduces that R."""
+    raw = tiny_config(tmp_path, "seq_ft", model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
+                      train={"batch_size": 2})
+    ddp, _ = _two_processes(tmp_path, raw, "ddp")
+    fsdp, env = _two_processes(tmp_path, {**raw, "train": {**raw["train"], "fsdp": True}}, "fsdp")
+    a = load_file(fsdp / "checkpoints" / "stage-02.safetensors")
+    b = load_file(ddp / "checkpoints" / "stage-02.safetensors")
+    assert set(a) == set(b) and "model.norm.weight" in a  # the trained tensors, base weights included, whole
+    # equal up to rounding (the clipping norm is summed over shards), which AdamW can lift to ~1e-5 where a
+    # gradient is near zero
+    assert all(a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    start = load_file(fsdp / "checkpoints" / "stage-01.safetensors")
+    assert not torch.equal(start["model.norm.weight"], a["model.norm.weight"])  # every unit trains in stage 2
+    metrics = json.loads((fsdp / "metrics.json").read_text())
+    assert metrics["R"] == json.loads((ddp / "metrics.json").read_text())["R"]
+    single = subprocess.run([sys.executable, "-m", "evolora", "eval", str(fsdp)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr
+    evaluated = json.loads((fsdp / "eval.json").read_text())
+    assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
+
+
+def test_fsdp_refuses_a_method_that_grows_in_one_line(tmp_path, tiny_config):
+    from evolora.config import build_config
+    from evolora.engine import build_context
+    from evolora.engine.sharding import shard_model
+    from evolora.errors import EvoloraError
+
+    ctx, method = build_context(build_config(tiny_config(tmp_path, "per_task_lora", train={"fsdp": True})), None)
+    with pytest.raises(EvoloraError, match=r"^train.fsdp: method per_task_lora cannot be sharded") as err:
+        shard_model(ctx, method)
+    assert "\n" not in str(err.value) and not ctx.sharded
+
+
+def test_an_accelerate_fsdp_launch_is_refused_in_one_line(tmp_path, tiny_config, monkeypatch):
+    from evolora.config import build_config
+    from evolora.engine import run
+    from evolora.errors import EvoloraError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(EvoloraError, match="set train.fsdp: true") as err:
+        run(build_config(tiny_config(tmp_path)), tmp_path / "run")
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ from typing import Optional
 from evolora import atomic, runfolder
 from evolora.config import RunConfig, flatten
 from evolora.engine.context import RunContext
+from evolora.engine.sharding import full_tensors, reshard
 from evolora.engine.state import load_tensors, save_tensors
 from evolora.errors import EvoloraError
 from evolora.methods import Method
@@ -19,13 +20,19 @@ def checkpoint_path(run_dir: Path, stage: int) -> Path:
     return Path(run_dir) / runfolder.CHECKPOINTS / f"stage-{stage + 1:02d}.safetensors"
 
 
-def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> str:
-    """Writes the stage's checkpoint (main process only); returns its sha256."""
+def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> Optional[str]:
+    """Writes the stage's checkpoint; returns its sha256. Every process calls it (a sharded model's tensors are
+    gathered whole from all of them); the main process writes, the others return None."""
+    if ctx.sharded:
+        reshard(ctx)
+    state = method.checkpoint_state(ctx.model)
+    if ctx.sharded:
+        state = full_tensors(state)
+    if not ctx.accelerator.is_main_process:
+        return None
     path = checkpoint_path(ctx.run_dir, stage)
     names = [ctx.tasks[i].name for i in ctx.stages[stage]]
-    digest = save_tensors(path, method.checkpoint_state(ctx.model),
-                          {"stage": str(stage), "tasks": ",".join(names), "method": method.name})
-    return digest
+    return save_tensors(path, state, {"stage": str(stage), "tasks": ",".join(names), "method": method.name})
 
 
 def drop_superseded_checkpoint(ctx: RunContext, stage: int) -> None:

@@ -34,6 +34,8 @@ class RunContext:
     eval_cache: dict = field(default_factory=dict)
     """Per task: (fingerprint of what answers it, its last result); see eval.cache."""
     eval_cache_hits: int = 0
+    sharded: bool = False
+    """Whether the model's parameters are sharded over the processes (train.fsdp; engine/sharding.py)."""
 
     def encode_train(self, task_index: int) -> list[Encoded]:
         task = self.tasks[task_index]

@@ -17,6 +17,7 @@ from evolora import runfolder
 from evolora.data.batching import collate_train, length_grouped_batches
 from evolora.data.prompting import Encoded
 from evolora.engine.context import RunContext
+from evolora.engine.sharding import shard_model, wants_sharding
 from evolora.engine.state import restore_step_state, save_step_state
 from evolora.errors import EvoloraError
 from evolora.methods import Method, StepInputs
@@ -54,6 +55,10 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     for p in params:  # master weights in fp32; autocast runs the matmuls in the model's dtype
         if p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
+    sharded = wants_sharding(ctx)
+    if sharded:  # FSDP: the model's parameters become shards, so the optimizer takes them after this
+        shard_model(ctx, method)
+        params = [p for p in model.parameters() if p.requires_grad]
     from transformers import get_scheduler
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -77,7 +82,10 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
     # together (DDP, FSDP or DeepSpeed, as `accelerate launch` configured) at every stage, since methods
     # may have added parameters since the last one.
-    if world > 1:
+    # Sharded (train.fsdp): the model is already FSDP's and the optimizer works on the shards.
+    if sharded:
+        train_model = model
+    elif world > 1:
         train_model, optimizer = accelerator.prepare(model, optimizer)
     else:
         train_model, optimizer = model, accelerator.prepare_optimizer(optimizer)
@@ -87,7 +95,7 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
         first_step = resume["step"] + 1
     pad_id = ctx.tokenizer.pad_token_id
     names = ", ".join(ctx.tasks[i].name for i in ctx.stages[stage])
-    every = cfg.checkpoint_every
+    every = 0 if sharded else cfg.checkpoint_every  # a sharded optimizer state is not saved mid-stage
     is_main = accelerator.is_main_process
 
     def save_state(step: int) -> None:

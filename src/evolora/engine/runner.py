@@ -42,6 +42,14 @@ def check_gpus_per_node(config: RunConfig) -> None:
                            f"{torch.cuda.device_count()} (--nproc_per_node / --num_processes), or set model.device: cpu")
 
 
+def check_launch() -> None:
+    """accelerate's own FSDP wraps the model at every stage and splits evaluation unevenly over processes whose
+    forwards must run in step: evolora shards the model itself (train.fsdp)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise EvoloraError("an accelerate FSDP launch: launch with configs/accelerate/fsdp.yaml (a plain "
+                           "multi-process launch) and set train.fsdp: true; evolora shards the model itself")
+
+
 def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
         resume: bool = False) -> dict:
     """A whole continual run. With `resume`, continues the run folder from its last completed stage or
@@ -49,6 +57,7 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     from accelerate import PartialState
 
     check_gpus_per_node(config)
+    check_launch()
     validate_method_options(config.method)  # before anything is read or written
     check_trackers(config)
     # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
@@ -196,9 +205,9 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
                 figures = method.stage_metrics(stage)
                 if figures:
                     train_stats["method"] = figures
+                digest = save_checkpoint(ctx, method, stage)  # every process: a sharded model is gathered
                 if is_main:
-                    path = checkpoint_path(run_dir, stage)
-                    checksums[path.name] = save_checkpoint(ctx, method, stage)
+                    checksums[checkpoint_path(run_dir, stage).name] = digest
                 trained = {"stage": stage, "train": train_stats}
                 save_progress(complete=False)
                 if is_main:

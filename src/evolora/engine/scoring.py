@@ -11,6 +11,7 @@ import torch
 
 from evolora import atomic
 from evolora.engine.context import RunContext, autocast_dtype
+from evolora.engine.sharding import eval_shard
 from evolora.engine.state import guarded_write
 from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
@@ -119,7 +120,7 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
     summed. Returns the row and {"predictions": ..., "locator": {task: located-correctly %}}."""
     cfg = ctx.config.eval
     accelerator = ctx.accelerator
-    shard = (accelerator.process_index, accelerator.num_processes)
+    shard = eval_shard(ctx)
     if task_id == "locate" and not method.has_locator:
         raise EvoloraError(f"eval.task_id: locate needs a method with a task locator; {method.name} has none")
     row: list[Optional[float]] = [None] * len(ctx.tasks)
@@ -154,7 +155,7 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
             counts[j] = torch.tensor([result.correct, result.total, located, result.score or 0.0,
                                       result.score is not None], dtype=torch.float64)
             predictions[ctx.tasks[j].name] = result.predictions
-    if accelerator.num_processes > 1:
+    if shard[1] > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
     for j in task_indices:
         scored = cfg.metric == "rougeL" and counts[j, 4].item() > 0
@@ -185,7 +186,7 @@ def write_predictions(ctx: RunContext, path: Path, predictions: dict[str, list],
     """One JSON line per evaluated test example: `label` (the stage or evaluation it belongs to), task,
     index in the task's test set, input, gold answer, prediction, correct. Each process holds the
     predictions of its shard (examples rank::world); they are gathered and the main process writes."""
-    world = ctx.accelerator.num_processes
+    world = eval_shard(ctx)[1]
     parts = [predictions]
     if world > 1:
         from accelerate.utils import gather_object
@@ -218,14 +219,14 @@ def evaluate_located_final(ctx: RunContext, method: Method, write_to: Optional[P
         write_predictions(ctx, write_to, info["predictions"], "final-located")
     sizes = [len(t.test) for t in ctx.tasks]
     by_kind = {}
-    shard = (ctx.accelerator.process_index, ctx.accelerator.num_processes)
+    shard = eval_shard(ctx)
     for kind in method.locator_kinds:
         hits = torch.zeros(len(ctx.tasks), dtype=torch.long)
         for j in every:
             prompts = [ctx.prompts.encode_prompt(ctx.tasks[j], ex, j).input_ids
                        for ex in ctx.tasks[j].test[shard[0]::shard[1]]]
             hits[j] = sum(x == j for x in method.locate(ctx, ("test", j, shard), prompts, kind))
-        if ctx.accelerator.num_processes > 1:
+        if shard[1] > 1:
             hits = ctx.accelerator.reduce(hits.to(ctx.accelerator.device), reduction="sum").cpu()
         by_kind[kind] = 100.0 * hits.sum().item() / sum(sizes)
     overall = sum(info["locator"][t.name] * n for t, n in zip(ctx.tasks, sizes)) / sum(sizes)
@@ -277,9 +278,8 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
     ctx.model.eval()
     with accelerator.autocast(), method.route(route_task):
         result = perplexity(ctx.model, ctx.general_sequences, ctx.tokenizer.pad_token_id, ctx.device,
-                            batch_size=max(1, cfg.batch_size // 2),
-                            shard=(accelerator.process_index, accelerator.num_processes))
-    if accelerator.num_processes > 1:
+                            batch_size=max(1, cfg.batch_size // 2), shard=eval_shard(ctx))
+    if eval_shard(ctx)[1] > 1:
         totals = torch.tensor([result.nll_sum, float(result.tokens)], dtype=torch.float64)
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
@@ -304,9 +304,9 @@ def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]
     with accelerator.autocast(), method.route(route_task):
         for task in ctx.knowledge_tasks:
             r = evaluate_choices(ctx.model, task, -1, ctx.prompts, ctx.device, cfg.batch_size, cfg.choice_norm,
-                                 plain=True, shard=(accelerator.process_index, accelerator.num_processes))
+                                 plain=True, shard=eval_shard(ctx))
             counts = torch.tensor([r.correct, r.correct_norm, r.total], dtype=torch.float64)
-            if accelerator.num_processes > 1:
+            if eval_shard(ctx)[1] > 1:
                 counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
             correct, correct_norm, total = counts.tolist()
             out["tasks"][task.name] = {"acc": 100.0 * correct / total, "acc_norm": 100.0 * correct_norm / total,

@@ -16,6 +16,8 @@ class AddOn:
     name: ClassVar[str] = "addon"
     Options: ClassVar[type] = None
     needs_hidden_states: ClassVar[bool] = False
+    fsdp_ready: ClassVar[bool] = False
+    """As Method.fsdp_ready, for what the add-on adds."""
 
     def __init__(self, options=None):
         self.options = options if options is not None else (self.Options() if self.Options else None)
@@ -105,6 +107,10 @@ class WithAddOns(Method):
     @property
     def adapters_only(self):
         return self.method.adapters_only
+
+    @property
+    def fsdp_ready(self):
+        return self.method.fsdp_ready and all(a.fsdp_ready for a in self.addons)
 
     @property
     def has_locator(self):

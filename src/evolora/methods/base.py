@@ -42,6 +42,9 @@ class Method:
     needs_hidden_states: ClassVar[bool] = False
     adapters_only: ClassVar[bool] = False
     """The method trains PEFT adapters only, never a base weight, so the base can be quantized (QLoRA)."""
+    fsdp_ready: ClassVar[bool] = False
+    """Whether the model may be sharded over processes (train.fsdp): every parameter is in place after setup and
+    every forward the method runs happens on every process alike."""
 
     def __init__(self, options=None):
         self.options = options if options is not None else (self.Options() if self.Options else None)

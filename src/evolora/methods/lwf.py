@@ -54,6 +54,7 @@ def distillation(student_logits: torch.Tensor, labels: torch.Tensor, teacher_idx
 @register
 class LwF(SeqLoRA):
     name = "lwf"
+    fsdp_ready = False  # the teacher's pass before a stage is not checked with a sharded model
     Options = LwFOptions
 
     def training_examples(self, stage, examples, ctx):

@@ -55,10 +55,12 @@ class ReplayHooks:
 @register
 class Replay(ReplayHooks, SeqLoRA):
     name = "replay"
+    fsdp_ready = True
     Options = ReplayOptions
 
 
 @register_addon
 class ReplayAddOn(ReplayHooks, AddOn):
     name = "replay"
+    fsdp_ready = True
     Options = ReplayBufferOptions

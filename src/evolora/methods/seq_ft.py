@@ -17,6 +17,7 @@ class SeqFTOptions:
 @register
 class SeqFT(Method):
     name = "seq_ft"
+    fsdp_ready = True
     Options = SeqFTOptions
     export_form = "full"
 

@@ -41,6 +41,7 @@ def activate_adapters(model, active: list[str], trainable: str | None) -> None:
 class SeqLoRA(Method):
     name = "seq_lora"
     adapters_only = True
+    fsdp_ready = True
     Options = LoraOptions
     export_form = "lora"
 
