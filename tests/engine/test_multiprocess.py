@@ -119,3 +119,15 @@ def test_an_accelerate_fsdp_launch_is_refused_in_one_line(tmp_path, tiny_config,
     with pytest.raises(EvoloraError, match="set train.fsdp: true") as err:
         run(build_config(tiny_config(tmp_path)), tmp_path / "run")
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def test_a_zero3_launch_is_refused_in_one_line(tmp_path, tiny_config, monkeypatch):
+    from evolora.config import build_config
+    from evolora.engine import run
+    from evolora.errors import EvoloraError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(EvoloraError, match="ZeRO-3 is not supported yet") as err:
+        run(build_config(tiny_config(tmp_path)), tmp_path / "run")
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()

@@ -43,11 +43,17 @@ def check_gpus_per_node(config: RunConfig) -> None:
 
 
 def check_launch() -> None:
-    """accelerate's own FSDP wraps the model at every stage and splits evaluation unevenly over processes whose
-    forwards must run in step: evolora shards the model itself (train.fsdp)."""
+    """Launches whose engine partitions the parameters behind evolora's back: accelerate's FSDP (it would wrap
+    the model at every stage and split evaluation unevenly over processes whose forwards must run in step;
+    evolora shards the model itself, train.fsdp) and DeepSpeed ZeRO-3 (its partitioned parameters are not
+    gathered for evaluation or checkpoints; not yet run by this project, docs/scaling.md)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise EvoloraError("an accelerate FSDP launch: launch with configs/accelerate/fsdp.yaml (a plain "
                            "multi-process launch) and set train.fsdp: true; evolora shards the model itself")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") \
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise EvoloraError("DeepSpeed ZeRO-3 is not supported yet (its partitioned parameters are not gathered "
+                           "for evaluation); shard with train.fsdp: true instead (docs/scaling.md)")
 
 
 def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
