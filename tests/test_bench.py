@@ -259,3 +259,40 @@ def test_a_suite_with_a_headline_splits_its_rows_and_says_where_options_were_cho
     assert "| seq_lora (2 orders) |" in headline and "| moe_cl/evolora |" in headline and "lambda=0" not in headline
     assert "| moe_cl/lambda=0 |" in ablations
     assert "- `moe_cl/evolora`: chosen on order 1 dev" in table
+
+
+def test_a_suite_choice_is_decided_by_dev_ap_on_one_order_never_by_test(tmp_path):
+    from evolora.bench import Suite
+
+    files = []
+    # b wins on dev (order 1) although a has the higher test AP there; c has no dev figures
+    for label, order, dev, test in (("gere/w=1", 1, 60.0, 70.0), ("gere/w=0.5", 1, 62.0, 65.0),
+                                    ("gere/w=1", 2, 50.0, 55.0), ("gere/w=0.5", 2, 40.0, 45.0), ("gere/kl", 1, None, 90.0)):
+        m = {"method": "seq_lora", "name": label, "metrics": {"AP": test}, "R": [[test]],
+             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
+             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label},
+             "dev": {"AP": dev} if dev is not None else None}
+        path = tmp_path / f"{label.replace('/', '_')}-{order}.json"
+        path.write_text(json.dumps(m))
+        files.append(path)
+    suite = Suite(name="s", base="b.yaml", runs=[{"method": "seq_lora", "label": x} for x in
+                                                 ("gere/w=1", "gere/w=0.5", "gere/kl")],
+                  choices=[{"choose": "GeRe weight", "candidates": ["gere/w=1", "gere/w=0.5"]},
+                           {"choose": "GeRe loss", "candidates": ["gere/w=1", "gere/kl"]}])
+    table = results_markdown(files, {"s": suite.table_layout()})
+    assert "**GeRe weight**: chosen `gere/w=0.5` on order 1 dev." in table
+    assert "| gere/w=0.5 (chosen) | 62.0 | 65.0 | 45.0 |" in table and "| gere/w=1 | 60.0 | 70.0 | 55.0 |" in table
+    assert "- `gere/w=0.5`: chosen on order 1 dev (GeRe weight: 2 candidates)" in table
+    assert "**GeRe loss**: not decided yet: `gere/kl` has no dev figures on order 1" in table
+
+
+def test_a_suite_choice_naming_an_unknown_run_is_one_line(tmp_path):
+    from evolora.bench import load_suite
+    from evolora.errors import ConfigError
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: b.yaml\nruns: [{method: seq_lora}]\n"
+                    "choices: [{choose: x, candidates: [seq_lora, replay]}]\n")
+    with pytest.raises(ConfigError, match=r"choices.0.candidates: 'replay' is not the label of a run") as err:
+        load_suite(path)
+    assert "\n" not in str(err.value) and ": :" not in str(err.value)

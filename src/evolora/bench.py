@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evolora import atomic
 from evolora.config import build_config, check_name, load_yaml
@@ -34,6 +34,18 @@ class SuiteRun(BaseModel):
         return self.label or "+".join([self.method, *self.addons])
 
 
+class SuiteChoice(BaseModel):
+    """Options a suite compares: the candidate runs' dev AP decides (never their test figures)."""
+
+    model_config = ConfigDict(extra="forbid")
+    choose: str
+    """What is chosen, in words (e.g. `MoE-CL variant settings`)."""
+    candidates: list[str] = Field(min_length=2)
+    """Labels of the suite's runs that compete."""
+    order: Optional[int] = None
+    """The task order whose dev split decides; none: the lowest order every candidate has dev figures for."""
+
+
 class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -46,11 +58,23 @@ class Suite(BaseModel):
     runs: list[SuiteRun]
     headline: list[str] = Field(default_factory=list)
     """Labels of the headline table (the protocol's methods); the other runs form the Ablations table below it."""
+    choices: list[SuiteChoice] = Field(default_factory=list)
+    """Option values chosen by dev AP among candidate runs (docs/RESULTS.md shows each decision)."""
 
     def table_layout(self) -> dict:
         """What docs/RESULTS.md needs of the suite besides its results files."""
         return {"headline": list(self.headline),
-                "chosen_on": {run.name: run.chosen_on for run in self.runs if run.chosen_on}}
+                "chosen_on": {run.name: run.chosen_on for run in self.runs if run.chosen_on},
+                "choices": [c.model_dump() for c in self.choices]}
+
+    @model_validator(mode="after")
+    def _known_labels(self):
+        labels = {run.name for run in self.runs}
+        for i, choice in enumerate(self.choices):
+            unknown = [c for c in choice.candidates if c not in labels]
+            if unknown:
+                raise ValueError(f"choices.{i}.candidates: {unknown[0]!r} is not the label of a run of this suite")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -72,7 +96,8 @@ def load_suite(path: Path) -> Suite:
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {field}: {first['msg'].removeprefix('Value error, ')}") from None
+        where = f"{field}: " if field else ""  # a check across fields names its field in the message
+        raise ConfigError(f"{path}: {where}{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def file_stem(label: str) -> str:

@@ -133,8 +133,11 @@ def test_per_label_selection_carves_dev_from_train_only(tmp_path):
     again = select_per_label(task, 3, 2, 2, seed=0)
     assert again.train == picked.train and again.test == picked.test
     assert select_per_label(task, 3, 2, 2, seed=1).train != picked.train
-    # a dev split leaves the training subsample alone where the pool holds enough
+    # a dev split never changes the training subsample: a label whose pool holds little gives dev what is left
     assert select_per_label(task, 3, 2, 0, seed=0).train == picked.train
+    per_label = min(sum(e.output == label for e in task.train) for label in ("neg", "pos"))
+    short = select_per_label(task, per_label - 1, 2, 5, seed=0)
+    assert short.train == select_per_label(task, per_label - 1, 2, 0, seed=0).train and len(short.dev) == 2
 
 
 def test_builtin_stream_from_shared_benchmark():

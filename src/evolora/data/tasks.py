@@ -40,17 +40,19 @@ def _group_by_label(examples: list[Example]) -> dict[str, list[Example]]:
 
 def select_per_label(task: Task, train_per_label: int | None, test_per_label: int | None,
                      dev_per_label: int, seed: int) -> Task:
-    """Stratified, seeded subsampling. The dev split is carved out of train, never out of test, and from
-    the far end of each label's shuffled pool: where the pool holds enough, adding a dev split leaves the
-    training subsample as it was (a finished run can be re-evaluated with a dev split it never trained on)."""
+    """Stratified, seeded subsampling. The dev split is carved out of train, never out of test, from the far
+    end of each label's shuffled pool, and only from what the training subsample leaves over: adding a dev split
+    never changes what trains (a finished run can be re-evaluated with a dev split it never trained on); a label
+    whose pool holds no more than `train_per_label` gets fewer dev examples, or none."""
     rng = random.Random(f"{seed}:{task.name}")
     train, dev = [], list(task.dev)
     for _label, group in sorted(_group_by_label(task.train).items()):
         group = list(group)
         rng.shuffle(group)
-        if dev_per_label:
-            dev.extend(group[-dev_per_label:])
-            group = group[:-dev_per_label]
+        carved = dev_per_label if train_per_label is None else min(dev_per_label, len(group) - train_per_label)
+        if carved > 0:
+            dev.extend(group[-carved:])
+            group = group[:-carved]
         train.extend(group if train_per_label is None else group[:train_per_label])
     test = []
     for _label, group in sorted(_group_by_label(task.test).items()):

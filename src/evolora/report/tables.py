@@ -112,7 +112,9 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
             for group in chosen:
                 body += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
             body += [""]
-        chosen_on = layout.get("chosen_on", {})
+        decided, choice_lines = choices_section(runs, layout.get("choices", []))
+        body += choice_lines
+        chosen_on = {**layout.get("chosen_on", {}), **decided}
         if chosen_on:
             body += ["Where option values were chosen:", ""] + [f"- `{label}`: chosen on {where}"
                                                               for label, where in chosen_on.items()] + [""]
@@ -124,6 +126,44 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
                          f" ({' → '.join(stream['tasks'])}), model {metrics['model']}; {b.get('date', '')} on "
                          f"{b.get('machine', '')}; `{b.get('command', '')}`")
     return "\n".join(lines + body + ["", "Runs:", ""] + notes) + "\n"
+
+
+def choices_section(runs: list[dict], choices: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """Each suite choice decided by the candidates' dev AP on one order (test figures shown beside, never used):
+    ({chosen label: where it was chosen}, the section's lines)."""
+    if not choices:
+        return {}, []
+    by_label: dict[str, dict] = {}
+    for metrics in runs:
+        label = metrics.get("bench", {}).get("label") or metrics["method"]
+        by_label.setdefault(label, {})[metrics["stream"].get("order")] = metrics
+    decided, lines = {}, ["### Choices made on dev data", "",
+                          "Each choice goes to the candidate with the highest dev AP (a dev split carved from train) on "
+                          "one task order; the test AP is shown beside it and plays no part.", ""]
+    for choice in choices:
+        candidates = choice["candidates"]
+        with_dev = [{o for o, m in by_label.get(c, {}).items() if (m.get("dev") or {}).get("AP") is not None}
+                    for c in candidates]
+        common = set.intersection(*with_dev)
+        order = choice.get("order") if choice.get("order") is not None else \
+            min(common or set.union(*with_dev), key=str, default=None)
+        if order not in common:
+            missing = [c for c, orders in zip(candidates, with_dev) if order not in orders or order is None]
+            lines += [f"- **{choice['choose']}**: not decided yet: `{missing[0]}` has no dev figures"
+                      f"{f' on order {order}' if order is not None else ''} (run it with data.dev_per_label > 0).", ""]
+            continue
+        dev = {c: by_label[c][order]["dev"]["AP"] for c in candidates}
+        best = max(candidates, key=lambda c: dev[c])
+        decided[best] = f"order {order} dev ({choice['choose']}: {len(candidates)} candidates)"
+        lines += [f"**{choice['choose']}**: chosen `{best}` on order {order} dev.", "",
+                  f"| candidate | dev AP (order {order}) | test AP (order {order}) | test AP (other orders) |",
+                  "|---|---|---|---|"]
+        for c in candidates:
+            others = [m.get("metrics", {}).get("AP") for o, m in by_label.get(c, {}).items() if o != order]
+            lines.append(f"| {c}{' (chosen)' if c == best else ''} | {dev[c]:.1f} | "
+                         f"{_cell(by_label[c][order].get('metrics', {}).get('AP'))} | {_mean_std(others)} |")
+        lines.append("")
+    return decided, lines
 
 
 def write_results(result_files: list[Path], out: Path, layouts: dict | None = None) -> Path:
