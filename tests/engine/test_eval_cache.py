@@ -57,3 +57,21 @@ def test_the_dev_split_is_scored_beside_test_and_never_answered_from_the_test_ca
     from evolora.engine.scoring import evaluate_dev
 
     assert evaluate_dev(ctx, method)["R_final"] == dev["R_final"]  # a fresh evaluation, no cache: the same figures
+
+
+def test_evolora_eval_of_a_finished_run_reproduces_its_final_row_made_with_the_cache(tmp_path, tiny_config):
+    """The last row of R, partly answered from the cache during the run, equals a fresh evaluation of the final
+    checkpoint (`evolora eval`, which scores every task)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    on = run_with_cache(tmp_path, tiny_config, "per_task_lora", True)
+    assert on["stages"][-1]["eval_reused"] > 0
+    run_dir = tmp_path / "True" / "run"
+    result = CliRunner().invoke(app, ["eval", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert [evaluated["accuracy"][t] for t in on["stream"]["tasks"]] == on["R"][-1]
