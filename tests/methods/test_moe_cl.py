@@ -181,7 +181,7 @@ def test_adversarial_gradient_reaches_shared_expert_opposite_to_the_discriminato
         mask = batch.attention_mask.float()
         per_layer = [torch.nn.functional.cross_entropy(
             method.container.discriminators[str(layer)](
-                pool_recorded(method.experts.routing[layer].recorded, mask / mask.sum(1, keepdim=True))),
+                pool_recorded([method.experts.routing[layer].recorded], mask / mask.sum(1, keepdim=True))[0]),
             batch.task_ids) for layer in method.disc_layers]
     assert len(per_layer) > 1 and torch.allclose(term, torch.stack(per_layer).mean(), atol=1e-5)
     method.options.adversarial_weight = -1.0  # same term without the reversal: a plain classifier loss
@@ -559,7 +559,7 @@ def test_the_fused_ffn_mix_equals_two_ffn_passes(tmp_path, tiny_config, mixed_ta
             out = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids)
         mask = batch.attention_mask.float()
-        features = pool_recorded(method.experts.routing[1].recorded, mask / mask.sum(1, keepdim=True))
+        features = pool_recorded([r.recorded for r in method.experts.routing], mask / mask.sum(1, keepdim=True))
         term = method.loss_terms(StepInputs(batch, out, torch.tensor(0.0), 1, ctx.model), ctx)["adversarial"]
         (out.logits.float().pow(2).mean() + term).backward()
         results.append((out.logits.detach(), features.detach(), [p.grad.clone() for p in trained]))

@@ -285,18 +285,24 @@ class SharedRecord(NamedTuple):
     scaling: float = 1.0
 
 
-def pool_recorded(recorded: Union[torch.Tensor, SharedRecord], mask: torch.Tensor) -> torch.Tensor:
-    """The weighted token mean ([B, D], float32) of a recorded shared-expert output; `mask` [B, T] holds each
-    token's weight (the attention mask over its sum)."""
-    if isinstance(recorded, torch.Tensor):
-        return torch.einsum("btd,bt->bd", recorded.float(), mask)
-    pooled = F.linear(torch.einsum("bti,bt->bi", recorded.hidden.float(), mask), recorded.base.weight.float())
-    if recorded.xa is not None:
-        xa = torch.einsum("btr,bt->br", recorded.xa.float(), mask)
-        b = recorded.lora_b.float()
-        delta = F.linear(xa, b) if b.dim() == 2 else torch.einsum("br,bor->bo", xa, b)
-        pooled = pooled + delta * recorded.scaling
-    return pooled
+def pool_recorded(records: list[Union[torch.Tensor, SharedRecord]], mask: torch.Tensor) -> torch.Tensor:
+    """The weighted token mean ([L, B, D], float32) of each layer's recorded shared-expert output; `mask` [B, T]
+    holds each token's weight (the attention mask over its sum). A few batched operations for all layers: a
+    step of a small model on a GPU waits on kernel launches."""
+    if all(isinstance(r, torch.Tensor) for r in records):
+        return torch.einsum("lbtd,bt->lbd", torch.stack(records).float(), mask)
+    if not all(isinstance(r, SharedRecord) for r in records) or len({r.xa is None for r in records}) > 1:
+        return torch.cat([pool_recorded([r], mask) for r in records])
+    weights = mask.to(records[0].hidden.dtype)
+    hidden = torch.stack([torch.einsum("bti,bt->bi", r.hidden, weights) for r in records]).float()  # [L, B, inner]
+    base = torch.stack([r.base.weight for r in records]).float()  # [L, D, inner]
+    pooled = torch.bmm(hidden, base.transpose(1, 2))
+    if records[0].xa is None:
+        return pooled
+    xa = torch.einsum("lbtr,bt->lbr", torch.stack([r.xa for r in records]).float(), mask)
+    b = torch.stack([r.lora_b for r in records]).float()  # [L, out, r] or [L, B, out, r]
+    delta = torch.bmm(xa, b.transpose(1, 2)) if b.dim() == 3 else torch.einsum("lbr,lbor->lbo", xa, b)
+    return pooled + delta * records[0].scaling
 
 
 class MixedFFN(nn.Module):

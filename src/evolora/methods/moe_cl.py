@@ -330,7 +330,7 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         # every chosen layer's discriminator in one batched pass (a loop over 30 layers is 30x the kernel launches)
         mask = step.batch.attention_mask.float()
         mask = mask / mask.sum(1, keepdim=True).clamp(min=1)
-        pooled = torch.stack([pool_recorded(self.experts.routing[layer].recorded, mask) for layer in self.disc_layers])
+        pooled = pool_recorded([self.experts.routing[layer].recorded for layer in self.disc_layers], mask)
         features = GradientReversal.apply(pooled, self.options.adversarial_weight)  # [L, B, D]
         discriminators = [self.container.discriminators[str(layer)] for layer in self.disc_layers]
         logits = _stacked_linear([d[0] for d in discriminators], features)
