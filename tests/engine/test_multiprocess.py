@@ -131,3 +131,21 @@ def test_a_zero3_launch_is_refused_in_one_line(tmp_path, tiny_config, monkeypatc
     with pytest.raises(EvoloraError, match="ZeRO-3 is not supported yet") as err:
         run(build_config(tiny_config(tmp_path)), tmp_path / "run")
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def test_a_refused_run_folder_stops_every_process_with_the_same_line(tmp_path, tiny_config):
+    """Every process checks the run folder (reading only), so none is left waiting for a process that stopped."""
+    raw = tiny_config(tmp_path, model={"device": "cpu"})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "evolora", "run", str(config)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count("is not a run folder evolora made") == 2  # one line from each process
+    assert "Connection closed" not in output and "gloo" not in output
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"

@@ -74,9 +74,9 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     if resume and not (run_dir / runfolder.CONFIG).is_file():
         raise EvoloraError(f"{run_dir}: nothing to resume (no {runfolder.CONFIG})")
     created = not run_dir.exists()
+    if not resume:  # every process (it only reads): all stop with the same line, none waits for a process gone
+        runfolder.check_replaceable(run_dir, config.output.overwrite)
     if is_main:
-        if not resume:
-            runfolder.check_replaceable(run_dir, config.output.overwrite)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
