@@ -174,12 +174,14 @@ def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
     rng = random.Random(0)
     bits = {}
 
-    def result(label, order, accuracy, locate=None):
+    def result(label, order, accuracy, locate=None, per_order=True):
         correct = {t: "".join("1" if rng.random() < accuracy else "0" for _ in range(40)) for t in ("a", "b")}
         bits[(label, order)] = correct
         m = {"method": label, "name": label, "metrics": {"AP": 100 * accuracy}, "R": [[1.0, 1.0], [1.0, 1.0]],
              "stream": {"name": "mtl5", "order": order, "tasks": ["a", "b"]}, "model": "m", "parameters": {},
-             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label}, "final_correct": correct}
+             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label, **({} if per_order else
+                                                                                      {"per_order": False})},
+             "final_correct": correct}
         if locate is not None:
             m["locate"] = {"AP": 100 * locate, "locator": 90.0,
                            "final_correct": {t: "".join("1" if rng.random() < locate else "0" for _ in range(40))
@@ -188,15 +190,23 @@ def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
         path.write_text(json.dumps(m))
         return path
 
-    files = [result("seq_lora", o, 0.5) for o in (1, 2)] + [result("multitask", None, 0.8)] + \
-        [result("moe_cl", o, 0.7, locate=0.6) for o in (1, 2)]
+    files = [result("seq_lora", o, 0.5) for o in (1, 2)] + [result("multitask", 1, 0.8, per_order=False)] + \
+        [result("moe_cl", o, 0.7, locate=0.6) for o in (1, 2)] + [result("replay", 1, 0.6)]
     table = results_markdown(files)
-    assert "| method | vs seq_lora | vs multitask |" in table
+    assert "| method | vs seq_lora | vs replay | vs multitask |" in table
     row = next(line for line in table.splitlines() if line.startswith("| moe_cl (oracle) (2 orders) |"))
     pooled_ref = {f"{o}:{t}": [c == "1" for c in bits[("seq_lora", o)][t]] for o in (1, 2) for t in ("a", "b")}
     pooled_me = {f"{o}:{t}": [c == "1" for c in bits[("moe_cl", o)][t]] for o in (1, 2) for t in ("a", "b")}
     p = paired_ap_bootstrap(pooled_ref, pooled_me)
     assert row.split(" | ")[1] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+    # replay ran on order 1 only and depends on the order: pooled over order 1 alone
+    p = paired_ap_bootstrap({f"1:{t}": [c == "1" for c in bits[("replay", 1)][t]] for t in ("a", "b")},
+                            {f"1:{t}": [c == "1" for c in bits[("moe_cl", 1)][t]] for t in ("a", "b")})
+    assert row.split(" | ")[2] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+    # the one multitask run (per_order false) stands for both orders
+    multi = {f"{o}:{t}": [c == "1" for c in bits[("multitask", 1)][t]] for o in (1, 2) for t in ("a", "b")}
+    p = paired_ap_bootstrap(multi, pooled_me)
+    assert row.split(" | ")[3].rstrip(" |") == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
     assert any(line.startswith("| moe_cl (locate) (2 orders) |") for line in table.splitlines())
     seq_row = [line for line in table.splitlines() if line.startswith("| seq_lora (2 orders) | ")][-1]
     assert seq_row.split(" | ")[1] == ""  # not against itself
@@ -296,3 +306,31 @@ def test_a_suite_choice_naming_an_unknown_run_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"choices.0.candidates: 'replay' is not the label of a run") as err:
         load_suite(path)
     assert "\n" not in str(err.value) and ": :" not in str(err.value)
+
+
+def test_orders_reuse_the_base_orders_results_and_run_an_order_free_entry_once(tmp_path, tiny_config, monkeypatch):
+    """`--orders 1,2`: a run made earlier without --orders on order 1 is that order's run; an entry with
+    per_order false (joint training) runs once whatever the orders."""
+    import evolora.bench as bench
+    import evolora.engine as engine
+
+    base = tiny_config(tmp_path, data={"stream": "mtl5", "order": 1})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    suite = {"name": "s", "base": "base.yaml", "runs_dir": str(tmp_path / "runs"),
+             "runs": [{"method": "seq_lora"}, {"method": "multitask", "per_order": False}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    calls = []
+
+    def fake_run(config, run_dir, log, resume):
+        calls.append((config.method.name, config.data.order))
+        return {"method": config.method.name, "stream": {"name": "mtl5", "order": config.data.order, "tasks": []}}
+
+    monkeypatch.setattr(engine, "run", fake_run)
+    monkeypatch.setattr(bench, "add_final_correctness", lambda metrics, run_dir: None)
+    folder = tmp_path / "results" / "s"
+    folder.mkdir(parents=True)
+    (folder / "seq_lora.json").write_text(json.dumps({"stream": {"order": 1}}))  # made before --orders
+    done = run_suite(tmp_path / "suite.yaml", orders=[1, 2], log=lambda _: None)
+    assert calls == [("multitask", 1), ("seq_lora", 2)]
+    assert sorted(p.name for p in done) == ["multitask.json", "multitask.json", "seq_lora-order2.json", "seq_lora.json"]
+    assert json.loads((folder / "multitask.json").read_text())["bench"]["per_order"] is False

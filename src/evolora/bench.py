@@ -28,6 +28,9 @@ class SuiteRun(BaseModel):
     set: list[str] = Field(default_factory=list)
     chosen_on: Optional[str] = None
     """What this run's option values were chosen on (e.g. `order 1 dev`); docs/RESULTS.md says it beside the row."""
+    per_order: bool = True
+    """False: one run whatever `--orders` asks (joint training does not see the task order, and every order has
+    the same test examples); it stands for every order in the paired comparisons."""
 
     @property
     def name(self) -> str:
@@ -135,16 +138,22 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
     for entry in suite.runs:
         if only and entry.name not in only:
             continue
-        target = result_path(suite_path, suite, entry, order)
+        run_order = order if entry.per_order else None
+        target = result_path(suite_path, suite, entry, run_order)
+        plain = result_path(suite_path, suite, entry)
+        if run_order is not None and not target.is_file() and plain.is_file() and not rerun \
+                and json.loads(plain.read_text(encoding="utf-8"))["stream"].get("order") == run_order:
+            target = plain  # made without --orders, on the base config's order: the same run
         run_dir = Path(suite.runs_dir) / suite.name / target.stem
         if target.is_file() and not rerun:
             log(f"[{entry.name}] results exist: {target} (skipped)")
             _backfill_correctness(target, run_dir)
+            _backfill_per_order(target, entry.per_order)
             done.append(target)
             continue
         overrides = [f"method.name={entry.method}", f"method.addons={json.dumps(entry.addons)}",
-                     f"name={suite.name}-{target.stem}",
-                     "output.overwrite=true", *entry.set, *([f"data.order={order}"] if order is not None else [])]
+                     f"name={suite.name}-{target.stem}", "output.overwrite=true", *entry.set,
+                     *([f"data.order={run_order}"] if run_order is not None else [])]
         source = f"{suite_path} [{entry.name}]"
         config = build_config(_base_for(base, entry.method), overrides, source=source)
         validate_method_options(config.method, source)
@@ -154,7 +163,8 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         add_final_correctness(metrics, run_dir)
         metrics["bench"] = {"suite": suite.name, "label": entry.name, "overrides": overrides,
                             "command": " ".join(["evolora", *sys.argv[1:]]) or "evolora bench",
-                            "date": datetime.date.today().isoformat(), "machine": machine_description()}
+                            "date": datetime.date.today().isoformat(), "machine": machine_description(),
+                            **({} if entry.per_order else {"per_order": False})}
         atomic.write_json(target, metrics)
         done.append(target)
     return done
@@ -187,6 +197,18 @@ def _backfill_correctness(target: Path, run_dir: Path) -> None:
     add_final_correctness(metrics, run_dir)
     if "final_correct" in metrics:
         atomic.write_json(target, metrics)
+
+
+def _backfill_per_order(target: Path, per_order: bool) -> None:
+    """A results file of an order-free entry (per_order false) made before the suite said so gets the mark the
+    paired comparisons read."""
+    from evolora.runfolder import read_json
+
+    metrics = read_json(target, "results file")
+    if per_order or "bench" not in metrics or metrics["bench"].get("per_order") is False:
+        return
+    metrics["bench"]["per_order"] = False
+    atomic.write_json(target, metrics)
 
 
 def can_resume(config, run_dir: Path) -> bool:

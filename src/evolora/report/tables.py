@@ -194,12 +194,16 @@ def _correct_by_order(runs: list[dict], located: bool = False) -> dict[object, d
     return out
 
 
-def _pooled(reference: dict, other: dict) -> tuple[dict, dict] | None:
+def _pooled(reference: dict, other: dict, any_order: bool = False) -> tuple[dict, dict] | None:
     """Both runs' correctness on the same (order, task, example)s, pooled over the orders both have. A reference
-    whose runs do not depend on the order (one multitask run) stands for every order."""
-    orders = sorted(set(other) & set(reference), key=str) or \
-        (sorted(other, key=str) if len(reference) == 1 else [])
-    ref_of = (lambda o: reference[o]) if set(other) & set(reference) else (lambda o: next(iter(reference.values())))
+    run that does not depend on the order (`any_order`: a suite run with per_order false, e.g. multitask) stands
+    for every order."""
+    if any_order and len(reference) == 1:
+        orders = sorted(other, key=str)
+        ref_of = (lambda o: next(iter(reference.values())))
+    else:
+        orders = sorted(set(other) & set(reference), key=str)
+        ref_of = (lambda o: reference[o])
     a, b = {}, {}
     for order in orders:
         mine, theirs = other[order], ref_of(order)
@@ -220,6 +224,7 @@ def paired_section(runs: list[dict]) -> list[str]:
     groups = {g["label"]: g["runs"] for g in _aggregate(runs)}
     references = {name: _correct_by_order(groups[name]) for name in REFERENCES if name in groups}
     references = {name: bits for name, bits in references.items() if bits}
+    any_order = {name: all(r.get("bench", {}).get("per_order") is False for r in groups[name]) for name in references}
     if not references:
         return []
     rows = []
@@ -230,7 +235,7 @@ def paired_section(runs: list[dict]) -> list[str]:
                 continue
             cells = []
             for name, reference in references.items():
-                pair = None if name == label and not located else _pooled(reference, mine)
+                pair = None if name == label and not located else _pooled(reference, mine, any_order[name])
                 if pair is None:
                     cells.append("")
                     continue
