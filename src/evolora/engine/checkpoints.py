@@ -10,7 +10,7 @@ from typing import Optional
 from evolora import atomic, runfolder
 from evolora.config import RunConfig, flatten
 from evolora.engine.context import RunContext
-from evolora.engine.sharding import full_tensors, reshard
+from evolora.engine.sharding import checkpoint_tensors
 from evolora.engine.state import load_tensors, save_tensors
 from evolora.errors import EvoloraError
 from evolora.methods import Method
@@ -23,11 +23,7 @@ def checkpoint_path(run_dir: Path, stage: int) -> Path:
 def save_checkpoint(ctx: RunContext, method: Method, stage: int) -> Optional[str]:
     """Writes the stage's checkpoint; returns its sha256. Every process calls it (a sharded model's tensors are
     gathered whole from all of them); the main process writes, the others return None."""
-    if ctx.sharded:
-        reshard(ctx)
-    state = method.checkpoint_state(ctx.model)
-    if ctx.sharded:
-        state = full_tensors(state)
+    state = checkpoint_tensors(ctx, method)
     if not ctx.accelerator.is_main_process:
         return None
     path = checkpoint_path(ctx.run_dir, stage)

@@ -80,9 +80,9 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
     # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
-    # together (DDP, FSDP or DeepSpeed, as `accelerate launch` configured) at every stage, since methods
-    # may have added parameters since the last one.
-    # Sharded (train.fsdp): the model is already FSDP's and the optimizer works on the shards.
+    # together (DDP, or DeepSpeed ZeRO-2, as the launch configured) at every stage, since methods may have
+    # added parameters since the last one. Sharded (train.fsdp): the model is already FSDP's and the optimizer
+    # works on the shards.
     if sharded:
         train_model = model
     elif world > 1:

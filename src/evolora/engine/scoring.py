@@ -274,12 +274,12 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
         ctx.general_sequences = encode_texts(ctx.tokenizer, texts, cfg.general_max_tokens)
     from evolora.evaluation import perplexity
 
-    accelerator = ctx.accelerator
+    accelerator, shard = ctx.accelerator, eval_shard(ctx)
     ctx.model.eval()
     with accelerator.autocast(), method.route(route_task):
         result = perplexity(ctx.model, ctx.general_sequences, ctx.tokenizer.pad_token_id, ctx.device,
-                            batch_size=max(1, cfg.batch_size // 2), shard=eval_shard(ctx))
-    if eval_shard(ctx)[1] > 1:
+                            batch_size=max(1, cfg.batch_size // 2), shard=shard)
+    if shard[1] > 1:
         totals = torch.tensor([result.nll_sum, float(result.tokens)], dtype=torch.float64)
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         result.nll_sum, result.tokens = totals[0].item(), int(totals[1].item())
@@ -298,15 +298,15 @@ def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]
         ctx.knowledge_tasks = [read_choice_task(Path(folder)) for folder in cfg.general_tasks]
     from evolora.evaluation import evaluate_choices
 
-    accelerator = ctx.accelerator
+    accelerator, shard = ctx.accelerator, eval_shard(ctx)
     ctx.model.eval()
     out: dict[str, Any] = {"tasks": {}}
     with accelerator.autocast(), method.route(route_task):
         for task in ctx.knowledge_tasks:
             r = evaluate_choices(ctx.model, task, -1, ctx.prompts, ctx.device, cfg.batch_size, cfg.choice_norm,
-                                 plain=True, shard=eval_shard(ctx))
+                                 plain=True, shard=shard)
             counts = torch.tensor([r.correct, r.correct_norm, r.total], dtype=torch.float64)
-            if eval_shard(ctx)[1] > 1:
+            if shard[1] > 1:
                 counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
             correct, correct_norm, total = counts.tolist()
             out["tasks"][task.name] = {"acc": 100.0 * correct / total, "acc_norm": 100.0 * correct_norm / total,

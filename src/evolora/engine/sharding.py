@@ -5,7 +5,7 @@ FSDP2 (`fully_shard`, one unit per decoder layer plus the root), on GPUs (NCCL) 
 A sharded model's forward gathers each layer's parameters from every process, so every process must run the
 same forwards: evaluation is not split over the processes (each scores every example; see `eval_shard`), and
 only methods whose parameters are all in place after setup and whose hooks run the same forwards on every
-process (`Method.fsdp_ready`) may shard. Checkpoints gather the full tensors (`full_tensors`)."""
+process (`Method.fsdp_ready`) may shard. Checkpoints gather the full tensors (`checkpoint_tensors`)."""
 
 from __future__ import annotations
 
@@ -54,12 +54,16 @@ def reshard(ctx: RunContext) -> None:
             module.reshard()
 
 
-def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors with every sharded one gathered whole (a collective: every process calls it, in the same
-    order), on the CPU."""
+def checkpoint_tensors(ctx: RunContext, method) -> dict[str, torch.Tensor]:
+    """The method's checkpoint tensors; from a sharded model, each gathered whole on the CPU (a collective:
+    every process calls it)."""
+    if not ctx.sharded:
+        return method.checkpoint_state(ctx.model)
     from torch.distributed.tensor import DTensor
 
-    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for name, t in state.items()}
+    reshard(ctx)
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+            for name, t in method.checkpoint_state(ctx.model).items()}
 
 
 def eval_shard(ctx: RunContext) -> tuple[int, int]:

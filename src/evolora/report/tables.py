@@ -199,14 +199,12 @@ def _pooled(reference: dict, other: dict, any_order: bool = False) -> tuple[dict
     run that does not depend on the order (`any_order`: a suite run with per_order false, e.g. multitask) stands
     for every order."""
     if any_order and len(reference) == 1:
-        orders = sorted(other, key=str)
-        ref_of = (lambda o: next(iter(reference.values())))
-    else:
-        orders = sorted(set(other) & set(reference), key=str)
-        ref_of = (lambda o: reference[o])
+        only = next(iter(reference.values()))
+        reference = {order: only for order in other}
+    orders = sorted(set(other) & set(reference), key=str)
     a, b = {}, {}
     for order in orders:
-        mine, theirs = other[order], ref_of(order)
+        mine, theirs = other[order], reference[order]
         if mine.keys() != theirs.keys() or any(len(mine[t]) != len(theirs[t]) for t in mine):
             return None
         mine_bool, theirs_bool = unpack_correct(mine), unpack_correct(theirs)
