@@ -334,3 +334,19 @@ def test_orders_reuse_the_base_orders_results_and_run_an_order_free_entry_once(t
     assert calls == [("multitask", 1), ("seq_lora", 2)]
     assert sorted(p.name for p in done) == ["multitask.json", "multitask.json", "seq_lora-order2.json", "seq_lora.json"]
     assert json.loads((folder / "multitask.json").read_text())["bench"]["per_order"] is False
+
+
+def test_plan_lists_the_runs_still_to_make_with_known_minutes(tmp_path, tiny_config):
+    from evolora.bench import plan_suite
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, data={"stream": "mtl5", "order": 1})))
+    suite = {"name": "s", "base": "base.yaml", "runs": [{"method": "seq_lora"}, {"method": "multitask", "per_order": False},
+                                                        {"method": "replay"}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    folder = tmp_path / "results" / "s"
+    folder.mkdir(parents=True)
+    (folder / "seq_lora.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 1500.0}}))
+    (folder / "multitask.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 600.0}}))
+    todo = plan_suite(tmp_path / "suite.yaml", orders=[1, 2])
+    assert todo == [("replay", 1, None), ("seq_lora", 2, 25.0), ("replay", 2, None)]
+    assert len(list(folder.iterdir())) == 2  # nothing ran or was written

@@ -138,12 +138,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
     for entry in suite.runs:
         if only and entry.name not in only:
             continue
-        run_order = order if entry.per_order else None
-        target = result_path(suite_path, suite, entry, run_order)
-        plain = result_path(suite_path, suite, entry)
-        if run_order is not None and not target.is_file() and plain.is_file() and not rerun \
-                and json.loads(plain.read_text(encoding="utf-8"))["stream"].get("order") == run_order:
-            target = plain  # made without --orders, on the base config's order: the same run
+        target, run_order = _target(suite_path, suite, entry, order, rerun)
         run_dir = Path(suite.runs_dir) / suite.name / target.stem
         if target.is_file() and not rerun:
             log(f"[{entry.name}] results exist: {target} (skipped)")
@@ -168,6 +163,40 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         atomic.write_json(target, metrics)
         done.append(target)
     return done
+
+
+def _target(suite_path: Path, suite: Suite, entry: SuiteRun, order: Optional[int], rerun: bool = False):
+    """(the entry's results file for `order`, the order it runs on: None = the base config's)."""
+    run_order = order if entry.per_order else None
+    target = result_path(suite_path, suite, entry, run_order)
+    plain = result_path(suite_path, suite, entry)
+    if run_order is not None and not target.is_file() and plain.is_file() and not rerun \
+            and json.loads(plain.read_text(encoding="utf-8"))["stream"].get("order") == run_order:
+        target = plain  # made without --orders, on the base config's order: the same run
+    return target, run_order
+
+
+def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
+               orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], Optional[float]]]:
+    """The runs a `bench` call would make: (label, order, minutes the label took on another order or seed
+    where a results file says so, else None). Nothing runs."""
+    suite_path = Path(suite_path)
+    suite = load_suite(suite_path)
+    folder = suite_path.parent / suite.results / suite.name
+    todo, seen = [], set()
+    for order in orders or [None]:
+        for entry in suite.runs:
+            if only and entry.name not in only:
+                continue
+            target, run_order = _target(suite_path, suite, entry, order)
+            if target.is_file() or target in seen:
+                continue
+            seen.add(target)
+            stem = file_stem(entry.name)
+            known = [json.loads(p.read_text(encoding="utf-8"))["timings"]["total_s"] / 60
+                     for p in sorted(folder.glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
+            todo.append((entry.name, run_order, max(known) if known else None))
+    return todo
 
 
 def add_final_correctness(metrics: dict, run_dir: Path) -> None:

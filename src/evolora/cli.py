@@ -180,10 +180,13 @@ def demo(method: str = typer.Option("seq_lora", help="Method to run: seq_ft, seq
 @app.command()
 def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list of runs)."),
           only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these labels (repeatable)."),
+          headline: bool = typer.Option(False, "--headline", help="Only the suite's headline labels (its protocol)."),
           orders: Optional[str] = typer.Option(None, "--orders", help="Task orders to run, e.g. 1,2,3 (mean ± std)."),
           results_md: Path = typer.Option(Path("docs/RESULTS.md"), "--results-md",
                                           help="Table rebuilt from every results file of the suite's folder."),
           table_only: bool = typer.Option(False, "--table-only", help="Run nothing; rebuild the table only."),
+          plan: bool = typer.Option(False, "--plan", help="Run nothing; list the runs still to make, with the "
+                                    "minutes each took on another order where known."),
           rerun: bool = typer.Option(False, "--rerun", help="Run the selected labels again from scratch, replacing "
                                      "their results and run folders (after a change to a method's code)."),
           ) -> None:
@@ -196,6 +199,18 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         order_list = [int(x) for x in orders.split(",")] if orders else None
     except ValueError:
         raise EvoloraError(f"--orders: expected comma-separated integers, got {orders!r}") from None
+    if headline:
+        only = list(only or []) + load_suite(suite).headline
+    if plan:
+        from evolora.bench import plan_suite
+
+        todo = plan_suite(suite, only, order_list)
+        for label, order, minutes in todo:
+            _echo(f"{label}  order {order if order is not None else 'base'}  "
+                  + (f"~{minutes:.0f} min" if minutes is not None else "minutes unknown"))
+        known = sum(m for _, _, m in todo if m is not None)
+        _echo(f"{len(todo)} runs to make; {known:.0f} min where known, on the machines that made them")
+        return
     if not table_only:
         if rerun and not only:
             raise EvoloraError("--rerun: name the runs to redo with --only (it would otherwise redo the whole suite)")
