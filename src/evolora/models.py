@@ -188,8 +188,9 @@ def environment() -> dict:
 
     from evolora import __version__
 
+    # a CPU run's minutes also depend on how many threads it had (two bench processes share two cores)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"CPU x{os.cpu_count()} {torch.backends.cpu.get_cpu_capability()}"
+        f"CPU x{os.cpu_count()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
     return {"evolora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(),
             "machine": f"{device}, {platform.machine()}, torch {torch.__version__}"}
