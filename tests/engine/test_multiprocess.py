@@ -15,17 +15,23 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.process
 
 
-def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config):
-    raw = tiny_config(tmp_path, model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
-                      train={"batch_size": 2})
-    config = tmp_path / "c.yaml"
+def torchrun(tmp_path, raw: dict, name: str = "c"):
+    """`evolora run` of the config `raw` over two CPU processes (gloo): (the finished process, its environment).
+    A fresh cache: base-model figures are computed by the two processes, not read from disk. CPU processes also
+    on a GPU machine: accelerate's barrier names a CUDA device per rank whenever CUDA is visible."""
+    config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
-    # a fresh cache: the zero-shot row must be computed by the two processes, not read from disk
-    # CPU processes also on a GPU machine: accelerate's barrier names a CUDA device per rank whenever CUDA is visible
     env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "evolora", "run", str(config)],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    return result, env
+
+
+def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config):
+    raw = tiny_config(tmp_path, model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
+                      train={"batch_size": 2})
+    result, env = torchrun(tmp_path, raw)  # the zero-shot row is computed by the two processes
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Accuracy matrix R") == 1  # only rank 0 reports
     run_dir = tmp_path / "run"
@@ -63,12 +69,7 @@ def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config
 
 
 def _two_processes(tmp_path, raw, name):
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({**raw, "output": {**raw["output"], "dir": str(tmp_path / name)}}))
-    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "evolora", "run", str(config)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    result, env = torchrun(tmp_path, {**raw, "output": {**raw["output"], "dir": str(tmp_path / name)}}, name)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / name, env
 
@@ -138,12 +139,7 @@ def test_a_refused_run_folder_stops_every_process_with_the_same_line(tmp_path, t
     raw = tiny_config(tmp_path, model={"device": "cpu"})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "evolora", "run", str(config)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    result, _ = torchrun(tmp_path, raw)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count("is not a run folder evolora made") == 2  # one line from each process
