@@ -192,9 +192,8 @@ def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
             if target.is_file() or target in seen:
                 continue
             seen.add(target)
-            stem = file_stem(entry.name)
             known = [json.loads(p.read_text(encoding="utf-8"))["timings"]["total_s"] / 60
-                     for p in sorted(folder.glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
+                     for p in label_results(folder, entry.name)]
             todo.append((entry.name, run_order, max(known) if known else None))
     return todo
 
@@ -275,6 +274,12 @@ def machine_description() -> str:
     return environment()["machine"]
 
 
+def label_results(folder: Path, label: str) -> list[Path]:
+    """A label's results files in a suite's results folder: made without --orders, and one per order."""
+    stem = file_stem(label)
+    return [p for p in sorted(Path(folder).glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
+
+
 def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> list[Path]:
     """Every results file under the root; those of `suite_path` first, in the suite's order."""
     files = sorted(Path(results_root).glob("*/*.json"))
@@ -282,8 +287,5 @@ def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> l
         return files
     suite = load_suite(Path(suite_path))
     folder = Path(results_root) / suite.name
-    first = []
-    for entry in suite.runs:
-        stem = file_stem(entry.name)
-        first += [p for p in sorted(folder.glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
+    first = [p for entry in suite.runs for p in label_results(folder, entry.name)]
     return first + [p for p in files if p not in first]
