@@ -350,3 +350,18 @@ def test_plan_lists_the_runs_still_to_make_with_known_minutes(tmp_path, tiny_con
     todo = plan_suite(tmp_path / "suite.yaml", orders=[1, 2])
     assert todo == [("replay", 1, None), ("seq_lora", 2, 25.0), ("replay", 2, None)]
     assert len(list(folder.iterdir())) == 2  # nothing ran or was written
+
+
+def test_bench_headline_plan_from_the_command_line(tmp_path, tiny_config):
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, data={"stream": "mtl5", "order": 1})))
+    suite = {"name": "s", "base": "base.yaml", "headline": ["seq_lora"],
+             "runs": [{"method": "seq_lora"}, {"method": "replay"}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "suite.yaml"), "--headline", "--orders", "1,2", "--plan"])
+    assert result.exit_code == 0, result.output
+    assert "seq_lora  order 1  minutes unknown" in result.output and "replay" not in result.output
+    assert "2 runs to make" in result.output and not (tmp_path / "results").exists()
