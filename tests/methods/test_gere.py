@@ -171,3 +171,17 @@ def test_defaults_are_the_reference_average_of_the_two_ces_and_proportional_mixi
     assert all("task_ce_halved" not in r for r in logged)
     assert all(r["general_tm"] == pytest.approx(r["task_loss"] + r["general_ce"], rel=1e-4)
                for r in logged if r["general_tm"] > 0)
+
+
+def test_chunked_cross_entropy_equals_one_cross_entropy_in_value_and_gradient():
+    from evolora.methods.gere import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 5, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7, 5))
+    targets[2, 3:] = -100
+    mine = chunked_cross_entropy(logits, targets, rows=3)
+    (grad_mine,) = torch.autograd.grad(mine, logits)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    (grad_plain,) = torch.autograd.grad(plain, logits)
+    assert torch.allclose(mine, plain) and torch.allclose(grad_mine, grad_plain)

@@ -170,6 +170,22 @@ def general_texts(options: GeReOptions, model, ctx) -> list[str]:
 
 # --- the add-on -------------------------------------------------------------------------------------
 
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: int = 4) -> torch.Tensor:
+    """Mean token cross-entropy of logits [N, T, V] (any dtype, computed in fp32) against targets [N, T]
+    (-100: ignored), `rows` sequences at a time, each chunk recomputed in the backward pass: the fp32 copy and
+    the log-softmax of only one chunk are alive at a time (a step of GeRe's proportional mixing scores dozens
+    of general texts over a 49k vocabulary, gigabytes in fp32). The same value as one cross-entropy."""
+    from torch.utils.checkpoint import checkpoint
+
+    def summed(chunk, target):
+        chunk = chunk.to(torch.promote_types(chunk.dtype, torch.float32))  # bf16 logits: fp32, as before
+        return F.cross_entropy(chunk.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+
+    total = sum(checkpoint(summed, logits[i:i + rows], targets[i:i + rows], use_reentrant=False)
+                for i in range(0, len(logits), rows))
+    return total / (targets != -100).sum().clamp(min=1)
+
+
 @register_addon
 class GeRe(AddOn):
     name = "gere"
@@ -241,8 +257,7 @@ class GeRe(AddOn):
         ids, mask = right_pad([self.sequences[i] for i in indices], self.pad_id, ctx.device)
         out = step.model(input_ids=ids, attention_mask=mask, output_hidden_states=opts.loss in ("tm", "l1", "l2"))
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        logits = out.logits[:, :-1].float()
-        general_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        general_ce = chunked_cross_entropy(out.logits[:, :-1], targets)
         # the engine adds the terms to the task CE; `average` halves both CEs (the task's through a negative term)
         half = opts.balance == "average"
         terms = {"general_ce": opts.general_weight * general_ce * (0.5 if half else 1.0)}
@@ -255,6 +270,7 @@ class GeRe(AddOn):
             with torch.no_grad():
                 teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             t = opts.temperature
+            logits = out.logits[:, :-1].float()
             per_token = F.kl_div(torch.log_softmax(logits / t, -1), torch.log_softmax(teacher / t, -1),
                                  log_target=True, reduction="none").sum(-1)
             keep = mask[:, 1:].float()
