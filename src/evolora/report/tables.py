@@ -133,10 +133,7 @@ def choices_section(runs: list[dict], choices: list[dict]) -> tuple[dict[str, st
     ({chosen label: where it was chosen}, the section's lines)."""
     if not choices:
         return {}, []
-    by_label: dict[str, dict] = {}
-    for metrics in runs:
-        label = metrics.get("bench", {}).get("label") or metrics["method"]
-        by_label.setdefault(label, {})[metrics["stream"].get("order")] = metrics
+    by_label = {g["label"]: {m["stream"].get("order"): m for m in g["runs"]} for g in _aggregate(runs)}
     decided, lines = {}, ["### Choices made on dev data", "",
                           "Each choice goes to the candidate with the highest dev AP (a dev split carved from train) on "
                           "one task order; the test AP is shown beside it and plays no part.", ""]
