@@ -286,14 +286,16 @@ def test_a_suite_choice_is_decided_by_dev_ap_on_one_order_never_by_test(tmp_path
         path.write_text(json.dumps(m))
         files.append(path)
     suite = Suite(name="s", base="b.yaml", runs=[{"method": "seq_lora", "label": x} for x in
-                                                 ("gere/w=1", "gere/w=0.5", "gere/kl")],
+                                                 ("gere/w=1", "gere/w=0.5", "gere/kl", "gere/l1")],
                   choices=[{"choose": "GeRe weight", "candidates": ["gere/w=1", "gere/w=0.5"]},
-                           {"choose": "GeRe loss", "candidates": ["gere/w=1", "gere/kl"]}])
+                           {"choose": "GeRe loss", "candidates": ["gere/w=1", "gere/kl"]},
+                           {"choose": "GeRe norm", "candidates": ["gere/w=1", "gere/l1"], "order": 1}])
     table = results_markdown(files, {"s": suite.table_layout()})
     assert "**GeRe weight**: chosen `gere/w=0.5` on order 1 dev." in table
     assert "| gere/w=0.5 (chosen) | 62.0 | 65.0 | 45.0 |" in table and "| gere/w=1 | 60.0 | 70.0 | 55.0 |" in table
     assert "- `gere/w=0.5`: chosen on order 1 dev (GeRe weight: 2 candidates)" in table
     assert "**GeRe loss**: not decided yet: `gere/kl` has no dev figures on order 1" in table
+    assert "**GeRe norm**: not decided yet: `gere/l1` is not run yet on order 1." in table
 
 
 def test_a_suite_choice_naming_an_unknown_run_is_one_line(tmp_path):

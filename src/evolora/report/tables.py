@@ -146,8 +146,10 @@ def choices_section(runs: list[dict], choices: list[dict]) -> tuple[dict[str, st
             min(common or set.union(*with_dev), key=str, default=None)
         if order not in common:
             missing = [c for c, orders in zip(candidates, with_dev) if order not in orders or order is None]
-            lines += [f"- **{choice['choose']}**: not decided yet: `{missing[0]}` has no dev figures"
-                      f"{f' on order {order}' if order is not None else ''} (run it with data.dev_per_label > 0).", ""]
+            where = f" on order {order}" if order is not None else ""
+            why = "has no dev figures" + where + " (run it with data.dev_per_label > 0)" \
+                if by_label.get(missing[0]) else "is not run yet" + where
+            lines += [f"- **{choice['choose']}**: not decided yet: `{missing[0]}` {why}.", ""]
             continue
         dev = {c: by_label[c][order]["dev"]["AP"] for c in candidates}
         best = max(candidates, key=lambda c: dev[c])
