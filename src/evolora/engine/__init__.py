@@ -5,6 +5,8 @@
     scoring.py      a row of R (oracle or located), the zero-shot row, predictions, general ability
     checkpoints.py  stage checkpoints, the resume check
     state.py        progress.json, step state, checksummed tensors (what survives a crash)
+    sharding.py     FSDP (train.fsdp): the model sharded over the processes, gathered for checkpoints
+    zero.py         DeepSpeed ZeRO launches: the processes, the engine's batch sizes from the run's config
     runner.py       the whole run: folder, lock, stages, metrics.json, report"""
 
 from evolora.engine.checkpoints import check_resume_config, checkpoint_path, load_checkpoint

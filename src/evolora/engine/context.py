@@ -11,6 +11,7 @@ import torch
 from evolora.config import RunConfig
 from evolora.data import Task, build_stream
 from evolora.data.prompting import Encoded, PromptBuilder
+from evolora.engine.zero import zero_stage
 from evolora.methods import Method, build_method
 from evolora.models import bf16_emulation_note, load_model
 
@@ -73,7 +74,8 @@ def make_accelerator(config: RunConfig, model, device):
         if state.num_processes == 1 and (state.device.type != device.type or state.mixed_precision != mixed_precision):
             AcceleratorState._reset_state(True)
     # Gradient accumulation is done in the loop (explicit sync steps), not by accelerate's counter.
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    # CPU processes of a DeepSpeed launch run DeepSpeed's engine (engine/zero.py), not accelerate's MULTI_CPU.
+    return Accelerator(cpu=device.type == "cpu" and zero_stage() is None, mixed_precision=mixed_precision)
 
 
 def build_context(config: RunConfig, run_dir: Optional[Path], log=print,

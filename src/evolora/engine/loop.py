@@ -19,6 +19,7 @@ from evolora.data.prompting import Encoded
 from evolora.engine.context import RunContext
 from evolora.engine.sharding import shard_model, wants_sharding
 from evolora.engine.state import restore_step_state, save_step_state
+from evolora.engine.zero import configure as configure_zero, is_zero
 from evolora.errors import EvoloraError
 from evolora.methods import Method, StepInputs
 from evolora.models import answer_loss
@@ -82,10 +83,14 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
     # together (DDP, or DeepSpeed ZeRO-2, as the launch configured) at every stage, since methods may have
     # added parameters since the last one. Sharded (train.fsdp): the model is already FSDP's and the optimizer
-    # works on the shards.
+    # works on the shards. DeepSpeed's engine scales the loss for accumulation, clips and steps inside
+    # accelerator.backward (its optimizer's step and zero_grad below do nothing); engine/zero.py.
+    zero = world > 1 and is_zero(accelerator)
     if sharded:
         train_model = model
     elif world > 1:
+        if zero:
+            configure_zero(accelerator, cfg, world)
         train_model, optimizer = accelerator.prepare(model, optimizer)
     else:
         train_model, optimizer = model, accelerator.prepare_optimizer(optimizer)
@@ -95,7 +100,7 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
         first_step = resume["step"] + 1
     pad_id = ctx.tokenizer.pad_token_id
     names = ", ".join(ctx.tasks[i].name for i in ctx.stages[stage])
-    every = 0 if sharded else cfg.checkpoint_every  # a sharded optimizer state is not saved mid-stage
+    every = 0 if sharded or zero else cfg.checkpoint_every  # a sharded optimizer state is not saved mid-stage
     is_main = accelerator.is_main_process
 
     def save_state(step: int) -> None:
@@ -126,7 +131,8 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
                 if not torch.isfinite(loss):
                     raise EvoloraError(f"loss is {loss.item()} at stage {stage + 1} ({names}), step {step}: stopped; "
                                        "the last good checkpoint is kept (lower train.lr or check the data)")
-                accelerator.backward(loss / cfg.grad_accum)
+                accelerator.sync_gradients = sync  # DeepSpeed's engine steps where accelerate says a sync is due
+                accelerator.backward(loss if zero else loss / cfg.grad_accum)
             if sync:
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

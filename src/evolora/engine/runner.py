@@ -23,6 +23,7 @@ from evolora.engine.scoring import (base_general_knowledge, base_general_perplex
                                     evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
                                     write_predictions, zero_shot_row)
 from evolora.engine.trackers import Trackers, check_trackers
+from evolora.engine.zero import process_state_options, zero_stage
 from evolora.engine.state import clear_step_state, guarded_write, read_progress, read_step_state, write_progress
 from evolora.errors import EvoloraError
 from evolora.methods import validate_method_options
@@ -50,8 +51,7 @@ def check_launch() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise EvoloraError("an accelerate FSDP launch: launch with configs/accelerate/fsdp.yaml (a plain "
                            "multi-process launch) and set train.fsdp: true; evolora shards the model itself")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") \
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    if zero_stage() == 3:
         raise EvoloraError("DeepSpeed ZeRO-3 is not supported yet (its partitioned parameters are not gathered "
                            "for evaluation); shard with train.fsdp: true instead (docs/scaling.md)")
 
@@ -66,8 +66,9 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     check_launch()
     validate_method_options(config.method)  # before anything is read or written
     check_trackers(config)
-    # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU.
-    dist = PartialState(cpu=config.model.device == "cpu" or not torch.cuda.is_available())
+    # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU (a DeepSpeed
+    # launch's CPU processes join through DeepSpeed instead: engine/zero.py).
+    dist = PartialState(**process_state_options(config.model.device == "cpu" or not torch.cuda.is_available()))
     is_main = dist.is_main_process
     say = log if is_main else (lambda _: None)
     run_dir = Path(run_dir) if run_dir else config.run_dir()
