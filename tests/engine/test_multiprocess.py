@@ -133,6 +133,33 @@ def test_deepspeed_zero2_over_two_cpu_processes_trains_as_ddp_does(tmp_path, tin
     assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
 
 
+@pytest.mark.parametrize("method", ["seq_lora", "seq_ft"])
+def test_deepspeed_zero3_over_two_cpu_processes_trains_as_ddp_does(tmp_path, tiny_config, method):
+    """ZeRO-3 partitions the parameters: one engine for the run gathers them for every forward (evaluation runs
+    the same forwards on both processes), each stage restarts the optimizer, and checkpoints gather the full
+    tensors: the same weights and R as DDP on the same batches, and a one-process `evolora eval` of the
+    checkpoint reproduces R."""
+    pytest.importorskip("deepspeed")
+    raw = tiny_config(tmp_path, method, model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
+                      train={"batch_size": 2, "grad_accum": 2})
+    ddp, _ = _two_processes(tmp_path, raw, "ddp")
+    zero, env = _two_processes(tmp_path, raw, "zero", **{**ZERO2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    a = load_file(zero / "checkpoints" / "stage-02.safetensors")
+    b = load_file(ddp / "checkpoints" / "stage-02.safetensors")
+    assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    start = load_file(zero / "checkpoints" / "stage-01.safetensors")
+    assert any(not torch.equal(start[k], a[k]) for k in start)  # stage 2 trained
+    metrics = json.loads((zero / "metrics.json").read_text())
+    assert metrics["R"] == json.loads((ddp / "metrics.json").read_text())["R"]
+    assert metrics["parameters"] == json.loads((ddp / "metrics.json").read_text())["parameters"]
+    single = subprocess.run([sys.executable, "-m", "evolora", "eval", str(zero)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr
+    evaluated = json.loads((zero / "eval.json").read_text())
+    assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
+
+
 def test_fsdp_refuses_a_method_that_grows_in_one_line(tmp_path, tiny_config):
     from evolora.config import build_config
     from evolora.engine import build_context
@@ -156,16 +183,19 @@ def test_an_accelerate_fsdp_launch_is_refused_in_one_line(tmp_path, tiny_config,
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
-def test_a_zero3_launch_is_refused_in_one_line(tmp_path, tiny_config, monkeypatch):
+def test_a_zero3_launch_of_a_method_that_grows_is_refused_in_one_line(tmp_path, tiny_config, monkeypatch):
     from evolora.config import build_config
     from evolora.engine import run
     from evolora.errors import EvoloraError
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(EvoloraError, match="ZeRO-3 is not supported yet") as err:
-        run(build_config(tiny_config(tmp_path)), tmp_path / "run")
+    with pytest.raises(EvoloraError, match="^DeepSpeed ZeRO-3: method moe_cl cannot have its parameters") as err:
+        run(build_config(tiny_config(tmp_path, "moe_cl")), tmp_path / "run")
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "three")
+    with pytest.raises(EvoloraError, match="^ACCELERATE_DEEPSPEED_ZERO_STAGE: expected 0-3, got 'three'"):
+        run(build_config(tiny_config(tmp_path)), tmp_path / "run")
 
 
 def test_a_refused_run_folder_stops_every_process_with_the_same_line(tmp_path, tiny_config):

@@ -37,6 +37,15 @@ class RunContext:
     eval_cache_hits: int = 0
     sharded: bool = False
     """Whether the model's parameters are sharded over the processes (train.fsdp; engine/sharding.py)."""
+    zero_engine: Any = None
+    """Under DeepSpeed ZeRO-3, (the run's engine, its optimizer): it holds the partitioned parameters and gathers
+    them for every forward (engine/zero.py)."""
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether each process holds only part of the parameters (FSDP or ZeRO-3): every process must run the
+        same forwards."""
+        return self.sharded or self.zero_engine is not None
 
     def encode_train(self, task_index: int) -> list[Encoded]:
         task = self.tasks[task_index]
@@ -106,7 +115,10 @@ def build_context(config: RunConfig, run_dir: Optional[Path], log=print,
 
 
 def count_parameters(model: torch.nn.Module, method: Method) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    added = sum(p.numel() for p in model.parameters() if id(p) not in method.base_parameter_ids)
-    base = sum(p.numel() for p in model.parameters() if id(p) in method.base_parameter_ids)
+    def numel(p):  # a ZeRO-3 parameter holds its partition; ds_numel is the whole count
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    added = sum(numel(p) for p in model.parameters() if id(p) not in method.base_parameter_ids)
+    base = sum(numel(p) for p in model.parameters() if id(p) in method.base_parameter_ids)
     return {"trainable": trainable, "added": added, "base": base}

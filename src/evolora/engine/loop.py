@@ -19,7 +19,8 @@ from evolora.data.prompting import Encoded
 from evolora.engine.context import RunContext
 from evolora.engine.sharding import shard_model, wants_sharding
 from evolora.engine.state import restore_step_state, save_step_state
-from evolora.engine.zero import configure as configure_zero, is_zero
+from evolora.engine.zero import check_zero3_method, continue_engine, is_zero, is_zero3
+from evolora.engine.zero import configure as configure_zero
 from evolora.errors import EvoloraError
 from evolora.methods import Method, StepInputs
 from evolora.models import answer_loss
@@ -53,9 +54,9 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EvoloraError(f"method {method.name}: nothing to train at stage {stage}")
-    for p in params:  # master weights in fp32; autocast runs the matmuls in the model's dtype
-        if p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
+    for p in params if ctx.zero_engine is None else ():  # (ZeRO-3's engine holds the master weights)
+        if p.dtype in (torch.bfloat16, torch.float16):  # master weights in fp32; autocast runs the matmuls in
+            p.data = p.data.float()                     # the model's dtype
     sharded = wants_sharding(ctx)
     if sharded:  # FSDP: the model's parameters become shards, so the optimizer takes them after this
         shard_model(ctx, method)
@@ -76,24 +77,33 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
         batches = batches[rank::world][:per_rank]
     total_updates = math.ceil(len(batches) / cfg.grad_accum)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    zero = world > 1 and is_zero(accelerator)
+    if ctx.zero_engine is not None:  # ZeRO-3: the run's engine, with a fresh optimizer state
+        train_model, optimizer, inner = continue_engine(ctx, cfg.lr)
+    else:
+        inner = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
+                              inner, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
     # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
     # together (DDP, or DeepSpeed ZeRO-2, as the launch configured) at every stage, since methods may have
     # added parameters since the last one. Sharded (train.fsdp): the model is already FSDP's and the optimizer
     # works on the shards. DeepSpeed's engine scales the loss for accumulation, clips and steps inside
     # accelerator.backward (its optimizer's step and zero_grad below do nothing); engine/zero.py.
-    zero = world > 1 and is_zero(accelerator)
     if sharded:
-        train_model = model
+        train_model, optimizer = model, inner
+    elif ctx.zero_engine is not None:
+        pass
     elif world > 1:
         if zero:
             configure_zero(accelerator, cfg, world)
-        train_model, optimizer = accelerator.prepare(model, optimizer)
+            if is_zero3(accelerator):
+                check_zero3_method(method)
+        train_model, optimizer = accelerator.prepare(model, inner)
+        if zero and is_zero3(accelerator):
+            ctx.zero_engine = (train_model, optimizer)
     else:
-        train_model, optimizer = model, accelerator.prepare_optimizer(optimizer)
+        train_model, optimizer = model, accelerator.prepare_optimizer(inner)
     first_step = 0
     if resume is not None:
         restore_step_state(ctx.run_dir, resume, model, optimizer, scheduler)
@@ -165,7 +175,8 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     model.eval()
     ctx.model = model
     del train_model
-    accelerator.free_memory()
+    if ctx.zero_engine is None:  # ZeRO-3's engine stays: its hooks gather the parameters for every forward
+        accelerator.free_memory()
     seconds = time.perf_counter() - started
     return {"steps": len(batches), "updates": total_updates, "tokens": tokens * world, "seconds": seconds,
             "tokens_per_s": tokens * world / seconds if seconds else 0.0, "final_loss": running,

@@ -23,10 +23,10 @@ from evolora.engine.scoring import (base_general_knowledge, base_general_perplex
                                     evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
                                     write_predictions, zero_shot_row)
 from evolora.engine.trackers import Trackers, check_trackers
-from evolora.engine.zero import process_state_options, zero_stage
+from evolora.engine.zero import check_zero3_method, process_state_options, zero_stage
 from evolora.engine.state import clear_step_state, guarded_write, read_progress, read_step_state, write_progress
 from evolora.errors import EvoloraError
-from evolora.methods import validate_method_options
+from evolora.methods import build_method, validate_method_options
 from evolora.metrics import compute_metrics
 from evolora.models import bf16_products, environment
 from evolora.report import predictions_path
@@ -44,16 +44,13 @@ def check_gpus_per_node(config: RunConfig) -> None:
 
 
 def check_launch() -> None:
-    """Launches whose engine partitions the parameters behind evolora's back: accelerate's FSDP (it would wrap
-    the model at every stage and split evaluation unevenly over processes whose forwards must run in step;
-    evolora shards the model itself, train.fsdp) and DeepSpeed ZeRO-3 (its partitioned parameters are not
-    gathered for evaluation or checkpoints; not yet run by this project, docs/scaling.md)."""
+    """A launch whose engine would partition the parameters behind evolora's back: accelerate's FSDP (it would
+    wrap the model at every stage and split evaluation unevenly over processes whose forwards must run in step;
+    evolora shards the model itself, train.fsdp). A DeepSpeed launch's stage is read (and checked) here too."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise EvoloraError("an accelerate FSDP launch: launch with configs/accelerate/fsdp.yaml (a plain "
                            "multi-process launch) and set train.fsdp: true; evolora shards the model itself")
-    if zero_stage() == 3:
-        raise EvoloraError("DeepSpeed ZeRO-3 is not supported yet (its partitioned parameters are not gathered "
-                           "for evaluation); shard with train.fsdp: true instead (docs/scaling.md)")
+    zero_stage()
 
 
 def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
@@ -65,6 +62,8 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     check_gpus_per_node(config)
     check_launch()
     validate_method_options(config.method)  # before anything is read or written
+    if zero_stage() == 3:
+        check_zero3_method(build_method(config.method))
     check_trackers(config)
     # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU (a DeepSpeed
     # launch's CPU processes join through DeepSpeed instead: engine/zero.py).

@@ -138,7 +138,7 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
             if task_id == "locate":
                 result, located = _evaluate_located(ctx, method, j, shard)
             else:
-                state = method.answer_state(j) if cfg.cache else None
+                state = method.answer_state(j) if cfg.cache and ctx.zero_engine is None else None
                 key = None if state is None else fingerprint(state)
                 cached = ctx.eval_cache.get(j)
                 if key is not None and cached is not None and cached[0] == key:

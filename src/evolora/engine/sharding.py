@@ -57,6 +57,10 @@ def reshard(ctx: RunContext) -> None:
 def checkpoint_tensors(ctx: RunContext, method) -> dict[str, torch.Tensor]:
     """The method's checkpoint tensors; from a sharded model, each gathered whole on the CPU (a collective:
     every process calls it)."""
+    if ctx.zero_engine is not None:
+        from evolora.engine.zero import gathered_state
+
+        return gathered_state(ctx.model, method.checkpoint_state)
     if not ctx.sharded:
         return method.checkpoint_state(ctx.model)
     from torch.distributed.tensor import DTensor
@@ -68,7 +72,7 @@ def checkpoint_tensors(ctx: RunContext, method) -> dict[str, torch.Tensor]:
 
 def eval_shard(ctx: RunContext) -> tuple[int, int]:
     """(this process's index, number of shards) for splitting evaluation examples: every process scores every
-    example when the model is sharded (its forwards must run in step on every process)."""
-    if ctx.sharded:
+    example when the model is sharded or partitioned (its forwards must run in step on every process)."""
+    if ctx.partitioned:
         return 0, 1
     return ctx.accelerator.process_index, ctx.accelerator.num_processes

@@ -10,7 +10,13 @@ module adds to accelerate:
   truth): DeepSpeed scales the loss for accumulation and clips, so the loop does neither itself;
 - ZeRO-2 partitions gradients and optimizer state, not parameters: every process holds the whole model, so
   evaluation and checkpoints work as under DDP. The optimizer state is partitioned, so no mid-stage step state
-  is saved (a resume restarts the stage from its last checkpoint, as with train.fsdp)."""
+  is saved (a resume restarts the stage from its last checkpoint, as with train.fsdp).
+- ZeRO-3 also partitions the parameters, and its engine's hooks gather them for every forward, so the first
+  stage's engine is kept for the whole run (`RunContext.zero_engine`): only methods whose parameters are all in
+  place after setup and whose forwards are the same on every process (`Method.fsdp_ready`) may use it; each
+  stage restarts the optimizer's moments and schedule, as a new optimizer would; evaluation is not split over
+  the processes (every one runs the same forwards); the eval cache is off (a partitioned parameter holds no
+  values to fingerprint); checkpoints gather the full tensors (`gathered_state`)."""
 
 from __future__ import annotations
 
@@ -60,3 +66,34 @@ def configure(accelerator, train, world: int) -> None:
     config["gradient_accumulation_steps"] = train.grad_accum
     config["train_batch_size"] = train.batch_size * train.grad_accum * world
     config["gradient_clipping"] = float(train.max_grad_norm or 0.0)
+
+
+def is_zero3(accelerator) -> bool:
+    return is_zero(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def check_zero3_method(method) -> None:
+    if not method.fsdp_ready:
+        raise EvoloraError(f"DeepSpeed ZeRO-3: method {method.name} cannot have its parameters partitioned (it adds "
+                           "parameters per task or runs forwards on one process only); launch with ZeRO-2 "
+                           "(configs/accelerate/deepspeed_zero2.yaml) or DDP")
+
+
+def continue_engine(ctx, lr: float):
+    """The run's ZeRO-3 engine for another stage: (engine, its optimizer wrapper, the torch optimizer inside),
+    the torch optimizer's moments cleared and its learning rate back at `lr`, as a new optimizer's would be."""
+    engine, wrapper = ctx.zero_engine
+    inner = engine.optimizer.optimizer
+    inner.state.clear()
+    for group in inner.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    return engine, wrapper, inner
+
+
+def gathered_state(module, state_fn) -> dict:
+    """`state_fn(module)`'s tensors, gathered whole from ZeRO-3's partitions onto the CPU (a collective: every
+    process calls it)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {name: t.detach().cpu().clone() for name, t in state_fn(module).items()}
