@@ -77,8 +77,15 @@ def test_orders_are_aggregated_as_mean_and_std(tmp_path):
         path = tmp_path / f"seq_lora-order{order}.json"
         path.write_text(json.dumps(m))
         runs.append(path)
-    table = results_markdown(runs)
+    m = {"method": "seq_ft", "name": "y", "metrics": {"AP": 40.0}, "R": [[40.0]], "locate": {"AP": 39.0, "locator": 90.0},
+         "stream": {"name": "mtl5", "order": 1, "tasks": ["a"]}, "model": "m", "parameters": {},
+         "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": "seq_ft"}}
+    (tmp_path / "seq_ft.json").write_text(json.dumps(m))
+    table = results_markdown(runs + [tmp_path / "seq_ft.json"])
     assert "| seq_lora (2 orders) | 55.0 ± 7.1 |" in table
+    # beside means over orders, a single-order row says which order it is
+    assert "| seq_ft (oracle, order 1 only) | 40.0 |" in table and "| seq_ft (locate, order 1 only) | 39.0 |" in table
+    assert "| seq_ft (oracle) | 40.0 |" in results_markdown([tmp_path / "seq_ft.json"])
 
 
 def test_every_shipped_suite_builds_a_valid_config_for_every_run():
@@ -266,7 +273,8 @@ def test_a_suite_with_a_headline_splits_its_rows_and_says_where_options_were_cho
                         {"method": "moe_cl", "label": "moe_cl/lambda=0"}])
     table = results_markdown(files, {"s": suite.table_layout()})
     headline, ablations = table.split("### Ablations (order 1)")
-    assert "| seq_lora (2 orders) |" in headline and "| moe_cl/evolora |" in headline and "lambda=0" not in headline
+    assert "| seq_lora (2 orders) |" in headline and "| moe_cl/evolora (order 1 only) |" in headline
+    assert "lambda=0" not in headline
     assert "| moe_cl/lambda=0 |" in ablations
     assert "- `moe_cl/evolora`: chosen on order 1 dev" in table
 
@@ -343,14 +351,14 @@ def test_plan_lists_the_runs_still_to_make_with_known_minutes(tmp_path, tiny_con
 
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, data={"stream": "mtl5", "order": 1})))
     suite = {"name": "s", "base": "base.yaml", "runs": [{"method": "seq_lora"}, {"method": "multitask", "per_order": False},
-                                                        {"method": "replay"}]}
+                                                        {"method": "replay"}, {"method": "seq_ft", "orders": [1]}]}
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     folder = tmp_path / "results" / "s"
     folder.mkdir(parents=True)
     (folder / "seq_lora.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 1500.0}}))
     (folder / "multitask.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 600.0}}))
     todo = plan_suite(tmp_path / "suite.yaml", orders=[1, 2])
-    assert todo == [("replay", 1, None), ("seq_lora", 2, 25.0), ("replay", 2, None)]
+    assert todo == [("replay", 1, None), ("seq_ft", 1, None), ("seq_lora", 2, 25.0), ("replay", 2, None)]
     assert len(list(folder.iterdir())) == 2  # nothing ran or was written
 
 

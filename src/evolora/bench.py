@@ -31,6 +31,9 @@ class SuiteRun(BaseModel):
     per_order: bool = True
     """False: one run whatever `--orders` asks (joint training does not see the task order, and every order has
     the same test examples); it stands for every order in the paired comparisons."""
+    orders: Optional[list[int]] = None
+    """The only task orders this entry runs on whatever `--orders` asks (e.g. [1] for full fine-tuning at ~4x a
+    LoRA run's cost); the table flags such a row `(order 1 only)` beside rows averaged over more orders."""
 
     @property
     def name(self) -> str:
@@ -136,7 +139,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
     base = load_yaml(suite_path.parent / suite.base)
     done = []
     for entry in suite.runs:
-        if only and entry.name not in only:
+        if only and entry.name not in only or not _runs_on(entry, order):
             continue
         target, run_order = _target(suite_path, suite, entry, order, rerun)
         run_dir = Path(suite.runs_dir) / suite.name / target.stem
@@ -165,6 +168,10 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
     return done
 
 
+def _runs_on(entry: SuiteRun, order: Optional[int]) -> bool:
+    return order is None or not entry.orders or order in entry.orders
+
+
 def _target(suite_path: Path, suite: Suite, entry: SuiteRun, order: Optional[int], rerun: bool = False):
     """(the entry's results file for `order`, the order it runs on: None = the base config's)."""
     run_order = order if entry.per_order else None
@@ -186,7 +193,7 @@ def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
     todo, seen = [], set()
     for order in orders or [None]:
         for entry in suite.runs:
-            if only and entry.name not in only:
+            if only and entry.name not in only or not _runs_on(entry, order):
                 continue
             target, run_order = _target(suite_path, suite, entry, order)
             if target.is_file() or target in seen:

@@ -17,20 +17,26 @@ def _cell(value, digits=1) -> str:
     return f"{value:.1e}" if abs(value) >= 1e6 else f"{value:.{digits}f}"  # a diverged run's drift stays readable
 
 
-def table_rows(metrics: dict) -> list[list[str]]:
+def table_rows(metrics: dict, note: str = "") -> list[list[str]]:
     """One row per run; a run evaluated with located task ids as well gives `label (oracle)` and
-    `label (locate)` (the latter from the final model only, so only AP and the locator's accuracy)."""
+    `label (locate)` (the latter from the final model only, so only AP and the locator's accuracy). `note` goes
+    in the label's brackets (e.g. `order 1 only`)."""
     m = metrics.get("metrics", {})
     label = metrics.get("bench", {}).get("label") or metrics["method"]
     params = metrics.get("parameters", {}).get("added_per_task")
     params_cell = f"{params:,.0f}" if params is not None else ""
     minutes = _cell(metrics["timings"]["total_s"] / 60)
     locate = metrics.get("locate")
-    first = [label + (" (oracle)" if locate else ""), _cell(m.get("AP")), _cell(m.get("Avg")), _cell(m.get("BWT")),
+
+    def named(kind: str) -> str:
+        inside = ", ".join(x for x in (kind, note) if x)
+        return f"{label} ({inside})" if inside else label
+
+    first = [named("oracle" if locate else ""), _cell(m.get("AP")), _cell(m.get("Avg")), _cell(m.get("BWT")),
              _cell(m.get("FWT")), _cell(m.get("drift_pct")), _cell(m.get("knowledge_pts")), "", params_cell, minutes]
     if not locate:
         return [first]
-    return [first, [f"{label} (locate)", _cell(locate["AP"]), "", "", "", "", "", _cell(locate["locator"]), params_cell,
+    return [first, [named("locate"), _cell(locate["AP"]), "", "", "", "", "", _cell(locate["locator"]), params_cell,
                     minutes]]
 
 
@@ -53,9 +59,14 @@ def _mean_std(values: list) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def aggregated_rows(label: str, runs: list[dict]) -> list[list[str]]:
+def aggregated_rows(label: str, runs: list[dict], beside_means: bool = False) -> list[list[str]]:
+    """A label's row(s): its run's, or mean ± std over its runs on several task orders. `beside_means`: other
+    rows of the table are means over orders, so a single-order row says which order it is (unless its run
+    stands for every order: `per_order: false`)."""
     if len(runs) == 1:
-        return table_rows(runs[0])
+        run = runs[0]
+        single = beside_means and run.get("bench", {}).get("per_order", True)
+        return table_rows(run, f"order {run['stream'].get('order')} only" if single else "")
 
     def col(key):
         return _mean_std([r.get("metrics", {}).get(key) for r in runs])
@@ -109,8 +120,10 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
             if not chosen:
                 continue
             body += ([title, ""] if title else []) + [header, rule]
+            means = max(len(g["runs"]) for g in chosen) > 1
             for group in chosen:
-                body += ["| " + " | ".join(row) + " |" for row in aggregated_rows(group["label"], group["runs"])]
+                body += ["| " + " | ".join(row) + " |"
+                         for row in aggregated_rows(group["label"], group["runs"], beside_means=means)]
             body += [""]
         decided, choice_lines = choices_section(runs, layout.get("choices", []))
         body += choice_lines
