@@ -344,6 +344,16 @@ def test_orders_reuse_the_base_orders_results_and_run_an_order_free_entry_once(t
     assert calls == [("multitask", 1), ("seq_lora", 2)]
     assert sorted(p.name for p in done) == ["multitask.json", "multitask.json", "seq_lora-order2.json", "seq_lora.json"]
     assert json.loads((folder / "multitask.json").read_text())["bench"]["per_order"] is False
+    # made before the protocol's figures: --plan names it; --rerun --orders 1 replaces that same file
+    from evolora.bench import stale_results
+
+    assert stale_results(tmp_path / "suite.yaml", orders=[1, 2]) == [
+        ("seq_lora", 1, ["per-example correctness", "knowledge"]),
+        ("multitask", 1, ["per-example correctness", "knowledge"]), ("seq_lora", 2, ["per-example correctness", "knowledge"])]
+    calls.clear()
+    run_suite(tmp_path / "suite.yaml", only=["seq_lora"], orders=[1], log=lambda _: None, rerun=True)
+    assert calls == [("seq_lora", 1)] and not (folder / "seq_lora-order1.json").exists()
+    assert json.loads((folder / "seq_lora.json").read_text())["bench"]["label"] == "seq_lora"
 
 
 def test_plan_lists_the_runs_still_to_make_with_known_minutes(tmp_path, tiny_config):

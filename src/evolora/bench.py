@@ -177,9 +177,9 @@ def _target(suite_path: Path, suite: Suite, entry: SuiteRun, order: Optional[int
     run_order = order if entry.per_order else None
     target = result_path(suite_path, suite, entry, run_order)
     plain = result_path(suite_path, suite, entry)
-    if run_order is not None and not target.is_file() and plain.is_file() and not rerun \
+    if run_order is not None and not target.is_file() and plain.is_file() \
             and json.loads(plain.read_text(encoding="utf-8"))["stream"].get("order") == run_order:
-        target = plain  # made without --orders, on the base config's order: the same run
+        target = plain  # made without --orders, on the base config's order: the same run (--rerun replaces it)
     return target, run_order
 
 
@@ -203,6 +203,33 @@ def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
                      for p in label_results(folder, entry.name)]
             todo.append((entry.name, run_order, max(known) if known else None))
     return todo
+
+
+def stale_results(suite_path: Path, only: Optional[list[str]] = None,
+                  orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], list[str]]]:
+    """Results files of the selected runs made before figures the protocol now reads: (label, order, what is
+    missing: per-example correctness for the paired intervals, the knowledge probe, dev figures of a choice's
+    candidate)."""
+    suite_path = Path(suite_path)
+    suite = load_suite(suite_path)
+    candidates = {c for choice in suite.choices for c in choice.candidates}
+    stale, seen = [], set()
+    for order in orders or [None]:
+        for entry in suite.runs:
+            if only and entry.name not in only or not _runs_on(entry, order):
+                continue
+            target, run_order = _target(suite_path, suite, entry, order)
+            if not target.is_file() or target in seen:
+                continue
+            seen.add(target)
+            metrics = json.loads(target.read_text(encoding="utf-8"))
+            wanted = [("per-example correctness", "final_correct"), ("knowledge", "knowledge")]
+            if entry.name in candidates:
+                wanted.append(("dev figures", "dev"))
+            missing = [what for what, key in wanted if not metrics.get(key)]
+            if missing:
+                stale.append((entry.name, metrics["stream"].get("order", run_order), missing))
+    return stale
 
 
 def add_final_correctness(metrics: dict, run_dir: Path) -> None:

@@ -202,7 +202,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     if headline:
         only = list(only or []) + load_suite(suite).headline
     if plan:
-        from evolora.bench import plan_suite
+        from evolora.bench import plan_suite, stale_results
 
         todo = plan_suite(suite, only, order_list)
         for label, order, minutes in todo:
@@ -210,6 +210,9 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
                   + (f"~{minutes:.0f} min" if minutes is not None else "minutes unknown"))
         known = sum(m for _, _, m in todo if m is not None)
         _echo(f"{len(todo)} runs to make; {known:.0f} min where known, on the machines that made them")
+        for label, order, missing in stale_results(suite, only, order_list):
+            _echo(f"made before the protocol's figures: {label} order {order} has no {', '.join(missing)} "
+                  f"(run it again with --only {label} --rerun{f' --orders {order}' if order_list else ''})")
         return
     if not table_only:
         if rerun and not only:
