@@ -133,6 +133,46 @@ def test_deepspeed_zero_over_two_cpu_processes_trains_as_ddp_does(tmp_path, tiny
     _same_as_ddp(zero, ddp, env)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_killed_deepspeed_run_resumes_from_its_last_stage_checkpoint(tmp_path, tiny_config, stage):
+    """Both processes of a ZeRO run killed during stage 2 (no mid-stage state: the optimizer is partitioned),
+    then `--resume` under the same launch: stage 2 is trained again from the stage-1 checkpoint, and the result
+    is the uninterrupted run's."""
+    import signal
+    import time
+
+    from evolora.engine.state import read_progress
+
+    pytest.importorskip("deepspeed")
+    raw = tiny_config(tmp_path, "seq_lora", model={"device": "cpu"}, data={"train_per_label": 60, "test_per_label": 3},
+                      train={"batch_size": 1, "epochs": 3})
+    launch = {**ZERO2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+    reference, env = _two_processes(tmp_path, raw, "ref", **launch)
+    config = tmp_path / "k.yaml"
+    run_dir = tmp_path / "run"
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "evolora", "run", str(config)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (run_dir.is_dir() and len((read_progress(run_dir) or {}).get("R", [])) == 1):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before stage 2 could be interrupted"
+        time.sleep(0.05)
+    import psutil
+
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        process.send_signal(signal.SIGKILL)  # the workers too (torchrun starts them in sessions of their own)
+    proc.wait()
+    resumed = subprocess.run([*command, "--resume", str(run_dir)], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after stage 1/2" in resumed.stdout, [x for x in resumed.stdout.splitlines() if "stage" in x]
+    a = load_file(run_dir / "checkpoints" / "stage-02.safetensors")
+    b = load_file(reference / "checkpoints" / "stage-02.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((run_dir / "metrics.json").read_text())["R"] == json.loads((reference / "metrics.json").read_text())["R"]
+
+
 def test_fsdp_refuses_a_method_that_grows_in_one_line(tmp_path, tiny_config):
     from evolora.config import build_config
     from evolora.engine import build_context
