@@ -252,8 +252,9 @@ def paired_section(runs: list[dict]) -> list[str]:
                 p = paired_ap_bootstrap(*pair)
                 cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]")
             if any(cells):
-                name = f"{label} ({'locate' if located else 'oracle'})" if group[0].get("locate") else label
-                rows.append(f"| {name} ({len(mine)} order{'s' if len(mine) > 1 else ''}) | " + " | ".join(cells) + " |")
+                kind = ("locate, " if located else "oracle, ") if group[0].get("locate") else ""
+                count = f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
+                rows.append(f"| {label} ({kind}{count}) | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return ["", "AP against " + ", ".join(references) + ": the difference (points) and its 95 % paired-bootstrap "
