@@ -196,7 +196,8 @@ def test_an_accelerate_fsdp_launch_is_refused_in_one_line(tmp_path, tiny_config,
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
-def test_a_zero3_launch_of_a_method_that_grows_is_refused_in_one_line(tmp_path, tiny_config, monkeypatch):
+def test_wrong_deepspeed_launches_are_refused_in_one_line(tmp_path, tiny_config, monkeypatch):
+    """ZeRO-3 with a method that adds parameters per task, FSDP inside a DeepSpeed launch, a bad stage."""
     from evolora.config import build_config
     from evolora.engine import run
     from evolora.errors import EvoloraError
@@ -206,6 +207,8 @@ def test_a_zero3_launch_of_a_method_that_grows_is_refused_in_one_line(tmp_path, 
     with pytest.raises(EvoloraError, match="^DeepSpeed ZeRO-3: method moe_cl cannot have its parameters") as err:
         run(build_config(tiny_config(tmp_path, "moe_cl")), tmp_path / "run")
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+    with pytest.raises(EvoloraError, match="^train.fsdp: a DeepSpeed launch partitions with ZeRO itself"):
+        run(build_config(tiny_config(tmp_path, train={"fsdp": True})), tmp_path / "run")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "three")
     with pytest.raises(EvoloraError, match="^ACCELERATE_DEEPSPEED_ZERO_STAGE: expected 0-3, got 'three'"):
         run(build_config(tiny_config(tmp_path)), tmp_path / "run")

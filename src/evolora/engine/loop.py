@@ -19,8 +19,7 @@ from evolora.data.prompting import Encoded
 from evolora.engine.context import RunContext
 from evolora.engine.sharding import shard_model, wants_sharding
 from evolora.engine.state import restore_step_state, save_step_state
-from evolora.engine.zero import check_zero3_method, continue_engine, is_zero, is_zero3
-from evolora.engine.zero import configure as configure_zero
+from evolora.engine.zero import configure as configure_zero, continue_engine, is_zero, is_zero3
 from evolora.errors import EvoloraError
 from evolora.methods import Method, StepInputs
 from evolora.models import answer_loss
@@ -54,9 +53,10 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EvoloraError(f"method {method.name}: nothing to train at stage {stage}")
-    for p in params if ctx.zero_engine is None else ():  # (ZeRO-3's engine holds the master weights)
-        if p.dtype in (torch.bfloat16, torch.float16):  # master weights in fp32; autocast runs the matmuls in
-            p.data = p.data.float()                     # the model's dtype
+    # master weights in fp32; autocast runs the matmuls in the model's dtype (ZeRO-3's engine holds its own)
+    for p in params if ctx.zero_engine is None else ():
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     sharded = wants_sharding(ctx)
     if sharded:  # FSDP: the model's parameters become shards, so the optimizer takes them after this
         shard_model(ctx, method)
@@ -77,32 +77,29 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
         batches = batches[rank::world][:per_rank]
     total_updates = math.ceil(len(batches) / cfg.grad_accum)
 
+    # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
+    # together (DDP, or DeepSpeed's engine, as the launch configured) at every stage, since methods may have
+    # added parameters since the last one; ZeRO-3 keeps its first engine for the run, with a fresh optimizer
+    # state each stage. DeepSpeed's engine scales the loss for accumulation, clips and steps inside
+    # accelerator.backward (its optimizer's step and zero_grad below do nothing); engine/zero.py. Sharded
+    # (train.fsdp): the model is already FSDP's and the optimizer works on the shards.
     zero = world > 1 and is_zero(accelerator)
-    if ctx.zero_engine is not None:  # ZeRO-3: the run's engine, with a fresh optimizer state
+    if ctx.zero_engine is not None:
         train_model, optimizer, inner = continue_engine(ctx, cfg.lr)
     else:
         inner = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
                               inner, num_warmup_steps=int(cfg.warmup_ratio * total_updates),
                               num_training_steps=total_updates)
-    # One process: the model is used as is, under autocast. Several: model and optimizer are prepared
-    # together (DDP, or DeepSpeed ZeRO-2, as the launch configured) at every stage, since methods may have
-    # added parameters since the last one. Sharded (train.fsdp): the model is already FSDP's and the optimizer
-    # works on the shards. DeepSpeed's engine scales the loss for accumulation, clips and steps inside
-    # accelerator.backward (its optimizer's step and zero_grad below do nothing); engine/zero.py.
     if sharded:
         train_model, optimizer = model, inner
-    elif ctx.zero_engine is not None:
-        pass
-    elif world > 1:
+    elif world > 1 and ctx.zero_engine is None:
         if zero:
-            configure_zero(accelerator, cfg, world)
-            if is_zero3(accelerator):
-                check_zero3_method(method)
+            configure_zero(accelerator, cfg, world, method)
         train_model, optimizer = accelerator.prepare(model, inner)
         if zero and is_zero3(accelerator):
             ctx.zero_engine = (train_model, optimizer)
-    else:
+    elif world == 1:
         train_model, optimizer = model, accelerator.prepare_optimizer(inner)
     first_step = 0
     if resume is not None:

@@ -62,6 +62,9 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     check_gpus_per_node(config)
     check_launch()
     validate_method_options(config.method)  # before anything is read or written
+    if zero_stage() is not None and config.train.fsdp:
+        raise EvoloraError("train.fsdp: a DeepSpeed launch partitions with ZeRO itself; set train.fsdp: false or "
+                           "launch without DeepSpeed")
     if zero_stage() == 3:
         check_zero3_method(build_method(config.method))
     check_trackers(config)

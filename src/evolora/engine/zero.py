@@ -58,9 +58,12 @@ def is_zero(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure(accelerator, train, world: int) -> None:
+def configure(accelerator, train, world: int, method) -> None:
     """The engine's batch sizes, gradient accumulation and clipping from the run's `train` section (DeepSpeed
-    checks micro batch x accumulation x processes = train batch; no dataloader is prepared to infer them)."""
+    checks micro batch x accumulation x processes = train batch; no dataloader is prepared to infer them), once
+    the method is known to suit the launch's stage."""
+    if is_zero3(accelerator):
+        check_zero3_method(method)
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = train.batch_size
     config["gradient_accumulation_steps"] = train.grad_accum
