@@ -207,10 +207,10 @@ def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
     pooled_me = {f"{o}:{t}": [c == "1" for c in bits[("moe_cl", o)][t]] for o in (1, 2) for t in ("a", "b")}
     p = paired_ap_bootstrap(pooled_ref, pooled_me)
     assert row.split(" | ")[1] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
-    # replay ran on order 1 only and depends on the order: pooled over order 1 alone
+    # replay ran on order 1 only and depends on the order: pooled over order 1 alone, which the cell names
     p = paired_ap_bootstrap({f"1:{t}": [c == "1" for c in bits[("replay", 1)][t]] for t in ("a", "b")},
                             {f"1:{t}": [c == "1" for c in bits[("moe_cl", 1)][t]] for t in ("a", "b")})
-    assert row.split(" | ")[2] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+    assert row.split(" | ")[2] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}] (order 1)"
     # the one multitask run (per_order false) stands for both orders
     multi = {f"{o}:{t}": [c == "1" for c in bits[("multitask", 1)][t]] for o in (1, 2) for t in ("a", "b")}
     p = paired_ap_bootstrap(multi, pooled_me)

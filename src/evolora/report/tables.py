@@ -250,7 +250,9 @@ def paired_section(runs: list[dict]) -> list[str]:
                     cells.append("")
                     continue
                 p = paired_ap_bootstrap(*pair)
-                cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]")
+                pooled = sorted({key.split(":", 1)[0] for key in pair[0]})
+                fewer = f" (order {', '.join(pooled)})" if len(pooled) < len(mine) else ""
+                cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]{fewer}")
             if any(cells):
                 kind = ("locate, " if located else "oracle, ") if group[0].get("locate") else ""
                 count = f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
@@ -258,7 +260,7 @@ def paired_section(runs: list[dict]) -> list[str]:
     if not rows:
         return []
     return ["", "AP against " + ", ".join(references) + ": the difference (points) and its 95 % paired-bootstrap "
-            "interval over the same test examples, pooled over the orders both have. An interval that crosses zero "
-            "is no measurable difference at this budget.", "",
+            "interval over the same test examples, pooled over the orders both have (a cell names them when they are "
+            "fewer than the row's). An interval that crosses zero is no measurable difference at this budget.", "",
             "| method | " + " | ".join(f"vs {name}" for name in references) + " |",
             "|---|" + "|".join("---" for _ in references) + "|", *rows]
