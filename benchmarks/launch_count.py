@@ -57,8 +57,9 @@ def without_optimizer(counter: LaunchCounter):
     return paused_step
 
 
-def peft_step_count(model_name: str, batch: int) -> int:
-    model, [(b, labels)] = speed.plain_peft(model_name, batch, steps=1)
+def peft_step_count(model_name: str, batch: int, dropout: float = 0.0) -> int:
+    model, [(b, labels)] = speed.plain_peft(model_name, batch, steps=1, dropout=dropout)
+    model.train()
     for counted in (False, True):  # the same batch twice: the first pass warms up
         with LaunchCounter() if counted else contextlib.nullcontext() as counter:
             speed.plain_peft_loss(model, b, labels).backward()
@@ -85,12 +86,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["seq_lora", "moe_cl", "moe_cl:variant=evolora", "cmoe"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--peft-dropout", type=float, default=0.0,
+                        help="LoRA dropout of the plain PEFT reference (moe_cl's reference form uses 0.05)")
     args = parser.parse_args()
     torch.manual_seed(0)
     for model_name in args.models:
-        reference = peft_step_count(model_name, args.batch)
+        reference = peft_step_count(model_name, args.batch, args.peft_dropout)
         print(f"\n== {model_name}, batch {args.batch}, stage {args.stage} ==")
-        print(f"plain PEFT LoRA step: {reference} kernel-launching operations (reference = 1.00)")
+        print(f"plain PEFT LoRA step (LoRA dropout {args.peft_dropout}): {reference} kernel-launching operations "
+              "(reference = 1.00)")
         print(f"{'method':>18}  per step  ÷ PEFT  most frequent")
         for method_name in args.methods:
             with speed.fusion(method_name):

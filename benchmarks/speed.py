@@ -86,11 +86,11 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plain_peft(model_name: str, batch: int, steps: int):
-    """A plain PEFT LoRA model on the base model and `steps` batches of the synthetic task, each with HF-style
-    labels (the prompt masked to -100): (model, [(batch, labels), ...])."""
+def plain_peft(model_name: str, batch: int, steps: int, dropout: float = 0.0):
+    """A plain PEFT LoRA model (rank 8, LoRA dropout `dropout`) on the base model and `steps` batches of the
+    synthetic task, each with HF-style labels (the prompt masked to -100): (model, [(batch, labels), ...])."""
     ctx, _ = build_context(config(model_name, "seq_ft", batch), None)
-    model = add_lora(ctx.model, LoraOptions())
+    model = add_lora(ctx.model, LoraOptions(dropout=dropout))
     task = synthetic_task("t", batch * steps)
     items = [ctx.prompts.encode_train(task, ex, 0) for ex in task.train]
     batches = []
