@@ -183,6 +183,20 @@ def _target(suite_path: Path, suite: Suite, entry: SuiteRun, order: Optional[int
     return target, run_order
 
 
+def _selected(suite_path: Path, suite: Suite, only, orders):
+    """(entry, results file, order it runs on) of each run a `bench` call with these labels and orders selects,
+    each results file once."""
+    seen = set()
+    for order in orders or [None]:
+        for entry in suite.runs:
+            if only and entry.name not in only or not _runs_on(entry, order):
+                continue
+            target, run_order = _target(suite_path, suite, entry, order)
+            if target not in seen:
+                seen.add(target)
+                yield entry, target, run_order
+
+
 def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
                orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], Optional[float]]]:
     """The runs a `bench` call would make: (label, order, minutes the label took on another order or seed
@@ -190,15 +204,9 @@ def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     folder = suite_path.parent / suite.results / suite.name
-    todo, seen = [], set()
-    for order in orders or [None]:
-        for entry in suite.runs:
-            if only and entry.name not in only or not _runs_on(entry, order):
-                continue
-            target, run_order = _target(suite_path, suite, entry, order)
-            if target.is_file() or target in seen:
-                continue
-            seen.add(target)
+    todo = []
+    for entry, target, run_order in _selected(suite_path, suite, only, orders):
+        if not target.is_file():
             known = [json.loads(p.read_text(encoding="utf-8"))["timings"]["total_s"] / 60
                      for p in label_results(folder, entry.name)]
             todo.append((entry.name, run_order, max(known) if known else None))
@@ -213,22 +221,17 @@ def stale_results(suite_path: Path, only: Optional[list[str]] = None,
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     candidates = {c for choice in suite.choices for c in choice.candidates}
-    stale, seen = [], set()
-    for order in orders or [None]:
-        for entry in suite.runs:
-            if only and entry.name not in only or not _runs_on(entry, order):
-                continue
-            target, run_order = _target(suite_path, suite, entry, order)
-            if not target.is_file() or target in seen:
-                continue
-            seen.add(target)
-            metrics = json.loads(target.read_text(encoding="utf-8"))
-            wanted = [("per-example correctness", "final_correct"), ("knowledge", "knowledge")]
-            if entry.name in candidates:
-                wanted.append(("dev figures", "dev"))
-            missing = [what for what, key in wanted if not metrics.get(key)]
-            if missing:
-                stale.append((entry.name, metrics["stream"].get("order", run_order), missing))
+    stale = []
+    for entry, target, run_order in _selected(suite_path, suite, only, orders):
+        if not target.is_file():
+            continue
+        metrics = json.loads(target.read_text(encoding="utf-8"))
+        wanted = [("per-example correctness", "final_correct"), ("knowledge", "knowledge")]
+        if entry.name in candidates:
+            wanted.append(("dev figures", "dev"))
+        missing = [what for what, key in wanted if not metrics.get(key)]
+        if missing:
+            stale.append((entry.name, metrics["stream"].get("order", run_order), missing))
     return stale
 
 
