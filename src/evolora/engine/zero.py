@@ -69,6 +69,7 @@ def configure(accelerator, train, world: int, method) -> None:
     config["gradient_accumulation_steps"] = train.grad_accum
     config["train_batch_size"] = train.batch_size * train.grad_accum * world
     config["gradient_clipping"] = float(train.max_grad_norm or 0.0)
+    accelerator.gradient_accumulation_steps = train.grad_accum  # accelerate's own count, told the same
 
 
 def is_zero3(accelerator) -> bool:
