@@ -46,11 +46,10 @@ def check_gpus_per_node(config: RunConfig) -> None:
 def check_launch() -> None:
     """A launch whose engine would partition the parameters behind evolora's back: accelerate's FSDP (it would
     wrap the model at every stage and split evaluation unevenly over processes whose forwards must run in step;
-    evolora shards the model itself, train.fsdp). A DeepSpeed launch's stage is read (and checked) here too."""
+    evolora shards the model itself, train.fsdp)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise EvoloraError("an accelerate FSDP launch: launch with configs/accelerate/fsdp.yaml (a plain "
                            "multi-process launch) and set train.fsdp: true; evolora shards the model itself")
-    zero_stage()
 
 
 def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], None] = print,
@@ -62,15 +61,16 @@ def run(config: RunConfig, run_dir: Optional[Path] = None, log: Callable[[str], 
     check_gpus_per_node(config)
     check_launch()
     validate_method_options(config.method)  # before anything is read or written
-    if zero_stage() is not None and config.train.fsdp:
+    zero = zero_stage()  # a DeepSpeed launch's ZeRO stage (a bad one is refused here), or None
+    if zero is not None and config.train.fsdp:
         raise EvoloraError("train.fsdp: a DeepSpeed launch partitions with ZeRO itself; set train.fsdp: false or "
                            "launch without DeepSpeed")
-    if zero_stage() == 3:
+    if zero == 3:
         check_zero3_method(build_method(config.method))
     check_trackers(config)
     # On CPU, accelerate only recognises a torchrun/MPI launch as distributed when told it is on CPU (a DeepSpeed
     # launch's CPU processes join through DeepSpeed instead: engine/zero.py).
-    dist = PartialState(**process_state_options(config.model.device == "cpu" or not torch.cuda.is_available()))
+    dist = PartialState(**process_state_options(config.model.device == "cpu" or not torch.cuda.is_available(), zero))
     is_main = dist.is_main_process
     say = log if is_main else (lambda _: None)
     run_dir = Path(run_dir) if run_dir else config.run_dir()

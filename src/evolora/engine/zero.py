@@ -44,10 +44,11 @@ def zero_stage() -> Optional[int]:
         raise EvoloraError(f"ACCELERATE_DEEPSPEED_ZERO_STAGE: expected 0-3, got {stage!r}") from None
 
 
-def process_state_options(on_cpu: bool) -> dict:
-    """Options of the process state (accelerate's PartialState) for this launch: CPU processes of a DeepSpeed
-    launch join through DeepSpeed over gloo; any other CPU launch is accelerate's MULTI_CPU."""
-    if zero_stage() is None:
+def process_state_options(on_cpu: bool, stage: Optional[int]) -> dict:
+    """Options of the process state (accelerate's PartialState) for a launch of ZeRO `stage` (None: not a
+    DeepSpeed launch): CPU processes of a DeepSpeed launch join through DeepSpeed over gloo; any other CPU
+    launch is accelerate's MULTI_CPU."""
+    if stage is None:
         return {"cpu": on_cpu}
     return {"cpu": False, **({"backend": "gloo"} if on_cpu else {})}
 
