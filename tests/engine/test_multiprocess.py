@@ -225,3 +225,50 @@ def test_a_refused_run_folder_stops_every_process_with_the_same_line(tmp_path, t
     assert output.count("is not a run folder evolora made") == 2  # one line from each process
     assert "Connection closed" not in output and "gloo" not in output
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_step_state_of_another_launch_restarts_its_stage(tmp_path, tiny_config):
+    """A one-process run killed in stage 2 leaves a mid-stage step state; resumed over two processes, whose
+    shares of the batches differ, that state is not used: stage 2 restarts from the stage-1 checkpoint, with a
+    line saying so, and ends exactly as the same folder without the step state does."""
+    import shutil
+    import signal
+    import time
+
+    raw = tiny_config(tmp_path, model={"device": "cpu"}, data={"train_per_label": 24, "test_per_label": 4},
+                      train={"batch_size": 1, "checkpoint_every": 5})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir, state = tmp_path / "run", tmp_path / "run" / "state" / "step.json"
+    env = dict(os.environ, TQDM_DISABLE="1", EVOLORA_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-m", "evolora", "run", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (state.is_file() and json.loads(state.read_text() or "{}").get("stage") == 1):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before stage 2 could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["processes"] == 1
+    shutil.copytree(run_dir, tmp_path / "bare")
+    for leftover in (tmp_path / "bare" / "state").glob("step.*"):
+        leftover.unlink()
+
+    def resume(folder):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "evolora", "run", str(config), "--resume", str(folder)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    out = resume(run_dir)
+    assert "stage 2 restarts from its beginning" in out and "saved by a launch of 1 process" in out, out[-2000:]
+    assert "resuming stage 2 after step" not in out
+    resume(tmp_path / "bare")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["complete"] and "resumed_at_step" not in metrics["stages"][1]["train"]
+    a = load_file(run_dir / "checkpoints" / "stage-02.safetensors")
+    b = load_file(tmp_path / "bare" / "checkpoints" / "stage-02.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics["R"] == json.loads((tmp_path / "bare" / "metrics.json").read_text())["R"]
+    assert not state.exists()

@@ -45,6 +45,12 @@ class Interrupted(EvoloraError):
     """Ctrl-C during training: the step state was saved and the run can be resumed."""
 
 
+def partitions_optimizer(ctx: RunContext) -> bool:
+    """Whether this launch splits the optimizer state over the processes (FSDP, DeepSpeed ZeRO): such a launch
+    saves no mid-stage step state and cannot continue one."""
+    return wants_sharding(ctx) or (ctx.accelerator.num_processes > 1 and is_zero(ctx.accelerator))
+
+
 def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Encoded], step_log: StepLog,
                 global_step: int, resume: Optional[dict] = None) -> dict:
     """Trains one stage. `resume` is a saved step state of this stage: training continues after it."""
@@ -107,12 +113,13 @@ def train_stage(ctx: RunContext, method: Method, stage: int, examples: list[Enco
         first_step = resume["step"] + 1
     pad_id = ctx.tokenizer.pad_token_id
     names = ", ".join(ctx.tasks[i].name for i in ctx.stages[stage])
-    every = 0 if sharded or zero else cfg.checkpoint_every  # a sharded optimizer state is not saved mid-stage
+    every = 0 if partitions_optimizer(ctx) else cfg.checkpoint_every  # a partitioned one is not saved mid-stage
     is_main = accelerator.is_main_process
 
     def save_state(step: int) -> None:
         if is_main and ctx.run_dir is not None:
-            save_step_state(ctx.run_dir, stage, step, model, optimizer, scheduler, {"global_step": global_step + step})
+            save_step_state(ctx.run_dir, stage, step, model, optimizer, scheduler,
+                            {"global_step": global_step + step, "processes": world})
 
     from tqdm.auto import tqdm
 

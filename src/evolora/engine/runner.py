@@ -17,14 +17,15 @@ from evolora.config import RunConfig, dump_config
 from evolora.engine.checkpoints import (check_resume_config, checkpoint_path, drop_superseded_checkpoint,
                                         load_checkpoint, save_checkpoint, trim_step_log)
 from evolora.engine.context import RunContext, build_context, count_parameters
-from evolora.engine.loop import StepLog, train_stage
+from evolora.engine.loop import StepLog, partitions_optimizer, train_stage
 from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_dev,
                                     evaluate_located_final,
                                     evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
                                     write_predictions, zero_shot_row)
 from evolora.engine.trackers import Trackers, check_trackers
 from evolora.engine.zero import check_zero3_method, process_state_options, zero_stage
-from evolora.engine.state import clear_step_state, guarded_write, read_progress, read_step_state, write_progress
+from evolora.engine.state import (clear_step_state, guarded_write, read_progress, read_step_state, step_state_fits,
+                                  write_progress)
 from evolora.errors import EvoloraError
 from evolora.methods import build_method, validate_method_options
 from evolora.metrics import compute_metrics
@@ -175,6 +176,12 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         log(f"resumed after stage {completed}/{len(ctx.stages)}"
             + (f"; stage {loaded} was trained and is evaluated now" if trained else ""))
     step_state = read_step_state(run_dir)
+    launch = (ctx.accelerator.num_processes, partitions_optimizer(ctx))
+    if step_state and trained is None and step_state["stage"] == completed and not step_state_fits(step_state, *launch):
+        log(f"stage {completed + 1} restarts from its beginning: its mid-stage state (step {step_state['step']}) was "
+            f"saved by a launch of {step_state.get('processes', 1)} process(es) without FSDP or ZeRO, and this "
+            f"launch has {launch[0]}{' and partitions the optimizer' if launch[1] else ''}")
+        step_state = None
     trackers = Trackers(config, run_dir if is_main else None)
     try:
         step_log = StepLog(run_dir if is_main else None, trackers)

@@ -105,6 +105,13 @@ def read_step_state(run_dir: Path) -> Optional[dict]:
     return read_json(json_path, "step state")
 
 
+def step_state_fits(record: dict, processes: int, partitioned: bool) -> bool:
+    """Whether this launch can continue a saved step state: only one of as many processes (each process's share
+    of the batches depends on their number) whose optimizer is whole (FSDP and ZeRO save none mid-stage, so a
+    state was saved by a launch without them; a state of before the count was recorded is of one process)."""
+    return not partitioned and record.get("processes", 1) == processes
+
+
 def restore_step_state(run_dir: Path, record: dict, model: torch.nn.Module, optimizer, scheduler) -> None:
     tensor_path, _ = step_state_paths(run_dir)
     tensors = load_tensors(tensor_path, record["sha256"])
