@@ -269,13 +269,14 @@ def test_a_suite_with_a_headline_splits_its_rows_and_says_where_options_were_cho
         path = tmp_path / f"{label.replace('/', '_')}-{order}.json"
         path.write_text(json.dumps(m))
         files.append(path)
-    suite = Suite(name="s", base="b.yaml", headline=["seq_lora", "moe_cl/evolora"],
+    suite = Suite(name="s", base="b.yaml", headline=["seq_lora", "moe_cl/evolora", "cmoe"],
                   runs=[{"method": "seq_lora"}, {"method": "moe_cl", "label": "moe_cl/evolora", "chosen_on": "order 1 dev"},
-                        {"method": "moe_cl", "label": "moe_cl/lambda=0"}])
+                        {"method": "moe_cl", "label": "moe_cl/lambda=0"}, {"method": "cmoe"}])
     table = results_markdown(files, {"s": suite.table_layout()})
     headline, ablations = table.split("### Ablations (order 1)")
     assert "| seq_lora (2 orders) |" in headline and "| moe_cl/evolora (order 1 only) |" in headline
     assert "lambda=0" not in headline
+    assert "Not run yet (headline methods without a results file): `cmoe`." in headline
     assert "| moe_cl/lambda=0 |" in ablations
     assert "- `moe_cl/evolora`: chosen on order 1 dev" in table
 

@@ -117,14 +117,17 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
             tables = [("", [g for g in groups if g["label"] in headline]),
                       (f"### Ablations (order {', '.join(orders)})", rest)]
         for title, chosen in tables:
-            if not chosen:
-                continue
-            body += ([title, ""] if title else []) + [header, rule]
-            means = max(len(g["runs"]) for g in chosen) > 1
-            for group in chosen:
-                body += ["| " + " | ".join(row) + " |"
-                         for row in aggregated_rows(group["label"], group["runs"], beside_means=means)]
-            body += [""]
+            if chosen:
+                body += ([title, ""] if title else []) + [header, rule]
+                means = max(len(g["runs"]) for g in chosen) > 1
+                for group in chosen:
+                    body += ["| " + " | ".join(row) + " |"
+                             for row in aggregated_rows(group["label"], group["runs"], beside_means=means)]
+                body += [""]
+            absent = [label for label in layout.get("headline", []) if label not in {g["label"] for g in groups}]
+            if not title and absent:
+                body += ["Not run yet (headline methods without a results file): "
+                         + ", ".join(f"`{label}`" for label in absent) + ".", ""]
         decided, choice_lines = choices_section(runs, layout.get("choices", []))
         body += choice_lines
         chosen_on = {**layout.get("chosen_on", {}), **decided}
