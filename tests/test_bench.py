@@ -218,6 +218,12 @@ def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
     assert any(line.startswith("| moe_cl (locate, 2 orders) |") for line in table.splitlines())
     seq_row = [line for line in table.splitlines() if line.startswith("| seq_lora (2 orders) | ")][-1]
     assert seq_row.split(" | ")[1] == ""  # not against itself
+    # and the multitask row stands for both orders of seq_lora too: the same pairs, the other way round
+    multi_row = next(line for line in paired.splitlines() if line.startswith("| multitask (one run for every order) |"))
+    pooled_seq = {f"{o}:{t}": [c == "1" for c in bits[("seq_lora", o)][t]] for o in (1, 2) for t in ("a", "b")}
+    p = paired_ap_bootstrap(pooled_seq, multi)
+    assert multi_row.split(" | ")[1] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}] (order 1, 2)"
+    assert multi_row.split(" | ")[2].endswith("(order 1)")
 
 
 def test_a_forty_run_comparison_stays_readable(tmp_path):

@@ -209,13 +209,17 @@ def _correct_by_order(runs: list[dict], located: bool = False) -> dict[object, d
     return out
 
 
-def _pooled(reference: dict, other: dict, any_order: bool = False) -> tuple[dict, dict] | None:
-    """Both runs' correctness on the same (order, task, example)s, pooled over the orders both have. A reference
-    run that does not depend on the order (`any_order`: a suite run with per_order false, e.g. multitask) stands
-    for every order."""
+def _pooled(reference: dict, other: dict, any_order: bool = False, other_any_order: bool = False) \
+        -> tuple[dict, dict] | None:
+    """Both runs' correctness on the same (order, task, example)s, pooled over the orders both have. A run that
+    does not depend on the order (`any_order` for the reference, `other_any_order` for the other: a suite run
+    with per_order false, e.g. multitask) stands for every order of the run it is compared with."""
     if any_order and len(reference) == 1:
         only = next(iter(reference.values()))
         reference = {order: only for order in other}
+    elif other_any_order and len(other) == 1:
+        only = next(iter(other.values()))
+        other = {order: only for order in reference}
     orders = sorted(set(other) & set(reference), key=str)
     a, b = {}, {}
     for order in orders:
@@ -229,6 +233,11 @@ def _pooled(reference: dict, other: dict, any_order: bool = False) -> tuple[dict
     return (a, b) if a else None
 
 
+def _order_free(group: list[dict]) -> bool:
+    """Runs of a suite entry with per_order false (joint training): one run stands for every task order."""
+    return all(r.get("bench", {}).get("per_order") is False for r in group)
+
+
 def paired_section(runs: list[dict]) -> list[str]:
     """Each row's AP against seq_lora, replay and multitask: the difference and its 95 % paired-bootstrap
     interval over the same test examples, pooled over the task orders both have."""
@@ -237,28 +246,30 @@ def paired_section(runs: list[dict]) -> list[str]:
     groups = {g["label"]: g["runs"] for g in _aggregate(runs)}
     references = {name: _correct_by_order(groups[name]) for name in REFERENCES if name in groups}
     references = {name: bits for name, bits in references.items() if bits}
-    any_order = {name: all(r.get("bench", {}).get("per_order") is False for r in groups[name]) for name in references}
     if not references:
         return []
     rows = []
     for label, group in groups.items():
+        order_free = _order_free(group)
         for located in (False, True):
             mine = _correct_by_order(group, located)
             if not mine:
                 continue
             cells = []
             for name, reference in references.items():
-                pair = None if name == label and not located else _pooled(reference, mine, any_order[name])
+                pair = None if name == label and not located else \
+                    _pooled(reference, mine, _order_free(groups[name]), order_free)
                 if pair is None:
                     cells.append("")
                     continue
                 p = paired_ap_bootstrap(*pair)
                 pooled = sorted({key.split(":", 1)[0] for key in pair[0]})
-                fewer = f" (order {', '.join(pooled)})" if len(pooled) < len(mine) else ""
-                cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]{fewer}")
+                named = order_free or len(pooled) < len(mine)  # an order-free row has no orders of its own
+                cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+                             + (f" (order {', '.join(pooled)})" if named else ""))
             if any(cells):
                 kind = ("locate, " if located else "oracle, ") if group[0].get("locate") else ""
-                count = f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
+                count = "one run for every order" if order_free else f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
                 rows.append(f"| {label} ({kind}{count}) | " + " | ".join(cells) + " |")
     if not rows:
         return []
