@@ -116,6 +116,7 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
             orders = sorted({str(m["stream"].get("order")) for g in rest for m in g["runs"]})
             tables = [("", [g for g in groups if g["label"] in headline]),
                       (f"### Ablations (order {', '.join(orders)})", rest)]
+        absent = [label for label in layout.get("headline", []) if label not in {g["label"] for g in groups}]
         for title, chosen in tables:
             if chosen:
                 body += ([title, ""] if title else []) + [header, rule]
@@ -124,7 +125,6 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
                     body += ["| " + " | ".join(row) + " |"
                              for row in aggregated_rows(group["label"], group["runs"], beside_means=means)]
                 body += [""]
-            absent = [label for label in layout.get("headline", []) if label not in {g["label"] for g in groups}]
             if not title and absent:
                 body += ["Not run yet (headline methods without a results file): "
                          + ", ".join(f"`{label}`" for label in absent) + ".", ""]
