@@ -248,9 +248,9 @@ def paired_section(runs: list[dict]) -> list[str]:
     references = {name: bits for name, bits in references.items() if bits}
     if not references:
         return []
+    order_free = {label: _order_free(group) for label, group in groups.items()}
     rows = []
     for label, group in groups.items():
-        order_free = _order_free(group)
         for located in (False, True):
             mine = _correct_by_order(group, located)
             if not mine:
@@ -258,18 +258,18 @@ def paired_section(runs: list[dict]) -> list[str]:
             cells = []
             for name, reference in references.items():
                 pair = None if name == label and not located else \
-                    _pooled(reference, mine, _order_free(groups[name]), order_free)
+                    _pooled(reference, mine, order_free[name], order_free[label])
                 if pair is None:
                     cells.append("")
                     continue
                 p = paired_ap_bootstrap(*pair)
                 pooled = sorted({key.split(":", 1)[0] for key in pair[0]})
-                named = order_free or len(pooled) < len(mine)  # an order-free row has no orders of its own
+                named = order_free[label] or len(pooled) < len(mine)  # an order-free row has no orders of its own
                 cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
                              + (f" (order {', '.join(pooled)})" if named else ""))
             if any(cells):
                 kind = ("locate, " if located else "oracle, ") if group[0].get("locate") else ""
-                count = "one run for every order" if order_free else f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
+                count = "one run for every order" if order_free[label] else f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
                 rows.append(f"| {label} ({kind}{count}) | " + " | ".join(cells) + " |")
     if not rows:
         return []
