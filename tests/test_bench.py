@@ -310,6 +310,11 @@ def test_a_suite_choice_is_decided_by_dev_ap_on_one_order_never_by_test(tmp_path
     assert "**GeRe weight**: chosen `gere/w=0.5` on order 1 dev." in table
     assert "| gere/w=0.5 (chosen) | 62.0 | 65.0 | 45.0 |" in table and "| gere/w=1 | 60.0 | 70.0 | 55.0 |" in table
     assert "- `gere/w=0.5`: chosen on order 1 dev (GeRe weight: 2 candidates)" in table
+    # a suite's own note on a chosen label (what the choice did not cover) is kept beside the decision
+    noted = Suite(**{**suite.model_dump(), "runs": [{"method": "seq_lora", "label": "gere/w=0.5", "chosen_on": "k on test"}]
+                     + [{"method": "seq_lora", "label": x} for x in ("gere/w=1", "gere/kl", "gere/l1")]})
+    assert "- `gere/w=0.5`: chosen on order 1 dev (GeRe weight: 2 candidates); k on test" in \
+        results_markdown(files, {"s": noted.table_layout()})
     assert "**GeRe loss**: not decided yet: `gere/kl` has no dev figures on order 1" in table
     assert "**GeRe norm**: not decided yet: `gere/l1` is not run yet on order 1." in table
 

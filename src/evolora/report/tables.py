@@ -130,7 +130,10 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
                          + ", ".join(f"`{label}`" for label in absent) + ".", ""]
         decided, choice_lines = choices_section(runs, layout.get("choices", []))
         body += choice_lines
-        chosen_on = {**layout.get("chosen_on", {}), **decided}
+        # a suite's own note (settings a dev choice did not cover) stays beside the decision
+        chosen_on = dict(layout.get("chosen_on", {}))
+        for label, where in decided.items():
+            chosen_on[label] = f"{where}; {chosen_on[label]}" if label in chosen_on else where
         if chosen_on:
             body += ["Where option values were chosen:", ""] + [f"- `{label}`: chosen on {where}"
                                                               for label, where in chosen_on.items()] + [""]
