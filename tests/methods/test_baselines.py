@@ -147,3 +147,20 @@ def test_every_baseline_runs_end_to_end(tmp_path, tiny_config, method_name):
     metrics = run(build_config(tiny_config(tmp_path, method_name)))
     assert metrics["complete"] and len(metrics["R"]) == 2
     assert metrics["parameters"]["added"] > 0
+
+
+def test_adding_lora_shows_the_user_no_upstream_deprecation_warning():
+    """peft reads transformers' deprecated `is_gradient_checkpointing`; every LoRA run printed its FutureWarning."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evolora.methods.base import LoraOptions
+    from evolora.methods.seq_lora import add_lora
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        peft_model = add_lora(model, LoraOptions())
+    assert peft_model.peft_config["default"].r == LoraOptions().r

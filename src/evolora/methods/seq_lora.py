@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from peft import LoraConfig, get_peft_model
 
 from evolora.methods.base import LoraOptions, Method, check_target_modules
@@ -15,7 +17,9 @@ def lora_config(options: LoraOptions) -> LoraConfig:
 
 def add_lora(model, options: LoraOptions, adapter_name: str = "default"):
     check_target_modules(model, options.target_modules)
-    return get_peft_model(model, lora_config(options), adapter_name=adapter_name)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; the warning is not the user's to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, lora_config(options), adapter_name=adapter_name)
 
 
 def task_adapter(task_index: int) -> str:
