@@ -398,3 +398,21 @@ def test_bench_headline_plan_from_the_command_line(tmp_path, tiny_config):
     assert result.exit_code == 0, result.output
     assert "seq_lora  order 1  minutes unknown" in result.output and "replay" not in result.output
     assert "2 runs to make" in result.output and not (tmp_path / "results").exists()
+
+
+def test_results_open_with_the_suite_of_lowest_position_and_older_folders_come_last(tmp_path):
+    from evolora.bench import Suite
+
+    files = []
+    for suite in ("a_long", "z_record", "old"):
+        m = {"method": "seq_lora", "name": suite, "metrics": {"AP": 50.0}, "R": [[50.0]],
+             "stream": {"name": "mtl5", "order": 1, "tasks": ["a"]}, "model": "m", "parameters": {},
+             "timings": {"total_s": 60.0}, "bench": {"suite": suite, "label": "seq_lora"}}
+        path = tmp_path / f"{suite}.json"
+        path.write_text(json.dumps(m))
+        files.append(path)
+    layouts = {name: Suite(name=name, base="b.yaml", runs=[{"method": "seq_lora"}], **extra).table_layout()
+               for name, extra in (("a_long", {}), ("z_record", {"position": 0}))}
+    table = results_markdown(files, layouts)
+    assert table.index("## z_record") < table.index("## a_long") < table.index("## old")
+    assert "One task order so far (order 1): no mean or spread over orders yet." in table

@@ -66,12 +66,14 @@ class Suite(BaseModel):
     """Labels of the headline table (the protocol's methods); the other runs form the Ablations table below it."""
     choices: list[SuiteChoice] = Field(default_factory=list)
     """Option values chosen by dev AP among candidate runs (docs/RESULTS.md shows each decision)."""
+    position: int = 100
+    """Where the suite's section sits in docs/RESULTS.md: lower first (the benchmark of record: 0), then by name."""
 
     def table_layout(self) -> dict:
         """What docs/RESULTS.md needs of the suite besides its results files."""
         return {"headline": list(self.headline),
                 "chosen_on": {run.name: run.chosen_on for run in self.runs if run.chosen_on},
-                "choices": [c.model_dump() for c in self.choices]}
+                "choices": [c.model_dump() for c in self.choices], "position": self.position}
 
     @model_validator(mode="after")
     def _known_labels(self):

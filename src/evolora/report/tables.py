@@ -102,12 +102,15 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
     header = "| " + " | ".join(COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     body, notes = [], []
-    for suite, runs in by_suite.items():
+    layouts = layouts or {}
+    # sections by the suites' `position`, then name; results without a suite file (older folders) go last
+    ranked = sorted(by_suite.items(), key=lambda item: (layouts.get(item[0], {}).get("position", 1000), item[0]))
+    for suite, runs in ranked:
         body += ["", f"## {suite}", ""]
         note = next((m["bench"]["note"] for m in runs if m.get("bench", {}).get("note")), None)
         if note:
             body += [f"Every row here was {note}.", ""]
-        layout = (layouts or {}).get(suite, {})
+        layout = layouts.get(suite, {})
         headline = set(layout.get("headline", []))
         groups = _aggregate(runs)
         tables = [("", groups)]
@@ -119,8 +122,11 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
         absent = [label for label in layout.get("headline", []) if label not in {g["label"] for g in groups}]
         for title, chosen in tables:
             if chosen:
-                body += ([title, ""] if title else []) + [header, rule]
                 means = max(len(g["runs"]) for g in chosen) > 1
+                shown = sorted({str(m["stream"].get("order")) for g in chosen for m in g["runs"]})
+                if not title and not means and len(shown) == 1:  # no order of a headline averaged yet: say which
+                    body += [f"One task order so far (order {shown[0]}): no mean or spread over orders yet.", ""]
+                body += ([title, ""] if title else []) + [header, rule]
                 for group in chosen:
                     body += ["| " + " | ".join(row) + " |"
                              for row in aggregated_rows(group["label"], group["runs"], beside_means=means)]
