@@ -10,6 +10,15 @@ from evolora.report.compare import compare
 from evolora.report.tables import results_markdown, write_results
 
 
+def write_result(path, label, order=1, ap=50.0, suite="s", **fields):
+    """A minimal results file of one bench run (one task) at `path`; `fields` add or replace top-level keys."""
+    m = {"method": label.split("/")[0], "name": label, "metrics": {"AP": ap}, "R": [[ap]],
+         "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
+         "timings": {"total_s": 60.0}, "bench": {"suite": suite, "label": label}, **fields}
+    path.write_text(json.dumps(m))
+    return path
+
+
 def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
     base = tiny_config(tmp_path)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -269,12 +278,7 @@ def test_a_suite_with_a_headline_splits_its_rows_and_says_where_options_were_cho
 
     files = []
     for label, order in (("seq_lora", 1), ("seq_lora", 2), ("moe_cl/evolora", 1), ("moe_cl/lambda=0", 1)):
-        m = {"method": label.split("/")[0], "name": label, "metrics": {"AP": 50.0}, "R": [[50.0]],
-             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
-             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label}}
-        path = tmp_path / f"{label.replace('/', '_')}-{order}.json"
-        path.write_text(json.dumps(m))
-        files.append(path)
+        files.append(write_result(tmp_path / f"{label.replace('/', '_')}-{order}.json", label, order))
     suite = Suite(name="s", base="b.yaml", headline=["seq_lora", "moe_cl/evolora", "cmoe"],
                   runs=[{"method": "seq_lora"}, {"method": "moe_cl", "label": "moe_cl/evolora", "chosen_on": "order 1 dev"},
                         {"method": "moe_cl", "label": "moe_cl/lambda=0"}, {"method": "cmoe"}])
@@ -294,13 +298,8 @@ def test_a_suite_choice_is_decided_by_dev_ap_on_one_order_never_by_test(tmp_path
     # b wins on dev (order 1) although a has the higher test AP there; c has no dev figures
     for label, order, dev, test in (("gere/w=1", 1, 60.0, 70.0), ("gere/w=0.5", 1, 62.0, 65.0),
                                     ("gere/w=1", 2, 50.0, 55.0), ("gere/w=0.5", 2, 40.0, 45.0), ("gere/kl", 1, None, 90.0)):
-        m = {"method": "seq_lora", "name": label, "metrics": {"AP": test}, "R": [[test]],
-             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
-             "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": label},
-             "dev": {"AP": dev} if dev is not None else None}
-        path = tmp_path / f"{label.replace('/', '_')}-{order}.json"
-        path.write_text(json.dumps(m))
-        files.append(path)
+        files.append(write_result(tmp_path / f"{label.replace('/', '_')}-{order}.json", label, order, test,
+                                  method="seq_lora", dev={"AP": dev} if dev is not None else None))
     suite = Suite(name="s", base="b.yaml", runs=[{"method": "seq_lora", "label": x} for x in
                                                  ("gere/w=1", "gere/w=0.5", "gere/kl", "gere/l1")],
                   choices=[{"choose": "GeRe weight", "candidates": ["gere/w=1", "gere/w=0.5"]},
@@ -403,14 +402,7 @@ def test_bench_headline_plan_from_the_command_line(tmp_path, tiny_config):
 def test_results_open_with_the_suite_of_lowest_position_and_older_folders_come_last(tmp_path):
     from evolora.bench import Suite
 
-    files = []
-    for suite in ("a_long", "z_record", "old"):
-        m = {"method": "seq_lora", "name": suite, "metrics": {"AP": 50.0}, "R": [[50.0]],
-             "stream": {"name": "mtl5", "order": 1, "tasks": ["a"]}, "model": "m", "parameters": {},
-             "timings": {"total_s": 60.0}, "bench": {"suite": suite, "label": "seq_lora"}}
-        path = tmp_path / f"{suite}.json"
-        path.write_text(json.dumps(m))
-        files.append(path)
+    files = [write_result(tmp_path / f"{suite}.json", "seq_lora", suite=suite) for suite in ("a_long", "z_record", "old")]
     layouts = {name: Suite(name=name, base="b.yaml", runs=[{"method": "seq_lora"}], **extra).table_layout()
                for name, extra in (("a_long", {}), ("z_record", {"position": 0}))}
     table = results_markdown(files, layouts)
