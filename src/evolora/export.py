@@ -26,7 +26,7 @@ import torch
 
 from evolora import __version__
 from evolora.errors import EvoloraError
-from evolora.models import base_model_id, bf16_products, load_model
+from evolora.models import base_model_id, bf16_products, load_model, quiet_peft_wrapping
 from evolora.reload import load_run
 
 EXPORT_RECORD = "evolora_export.json"
@@ -120,7 +120,8 @@ def _merge_into_base(model_config, folder: Path) -> None:
     from peft import PeftModel
 
     base, _, _ = load_model(model_config)
-    merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    with quiet_peft_wrapping():
+        merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / name).unlink()
     merged.save_pretrained(folder)

@@ -34,6 +34,17 @@ TINY = "tiny-llama"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """Wrapping a model in peft (`get_peft_model`, `PeftModel.from_pretrained`) reads transformers' deprecated
+    `is_gradient_checkpointing`; the FutureWarning it prints is not the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EVOLORA_CACHE", Path.home() / ".cache" / "evolora")).expanduser()
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 from peft import LoraConfig, get_peft_model
 
 from evolora.methods.base import LoraOptions, Method, check_target_modules
 from evolora.methods.registry import register
+from evolora.models import quiet_peft_wrapping
 
 
 def lora_config(options: LoraOptions) -> LoraConfig:
@@ -17,8 +16,7 @@ def lora_config(options: LoraOptions) -> LoraConfig:
 
 def add_lora(model, options: LoraOptions, adapter_name: str = "default"):
     check_target_modules(model, options.target_modules)
-    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; the warning is not the user's to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with quiet_peft_wrapping():
         return get_peft_model(model, lora_config(options), adapter_name=adapter_name)
 
 
