@@ -153,13 +153,11 @@ def test_adding_lora_shows_the_user_no_upstream_deprecation_warning():
     """peft reads transformers' deprecated `is_gradient_checkpointing`; every LoRA run printed its FutureWarning."""
     import warnings
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from evolora.methods.base import LoraOptions
     from evolora.methods.seq_lora import add_lora
+    from evolora.models import tiny_llama
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
+    model, _ = tiny_llama()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         peft_model = add_lora(model, LoraOptions())

@@ -84,6 +84,11 @@ def aggregated_rows(label: str, runs: list[dict], beside_means: bool = False) ->
     return rows
 
 
+def _orders(groups: list[dict]) -> list[str]:
+    """The task orders the runs of these label groups were made on, sorted."""
+    return sorted({str(m["stream"].get("order")) for g in groups for m in g["runs"]})
+
+
 def results_markdown(result_files: list[Path], layouts: dict | None = None) -> str:
     """The tables of docs/RESULTS.md. `layouts` (suite name -> Suite.table_layout()) splits a suite's rows into
     its headline table and an Ablations table, and says where each run's options were chosen."""
@@ -116,14 +121,13 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
         tables = [("", groups)]
         if headline:
             rest = [g for g in groups if g["label"] not in headline]
-            orders = sorted({str(m["stream"].get("order")) for g in rest for m in g["runs"]})
             tables = [("", [g for g in groups if g["label"] in headline]),
-                      (f"### Ablations (order {', '.join(orders)})", rest)]
+                      (f"### Ablations (order {', '.join(_orders(rest))})", rest)]
         absent = [label for label in layout.get("headline", []) if label not in {g["label"] for g in groups}]
         for title, chosen in tables:
             if chosen:
                 means = max(len(g["runs"]) for g in chosen) > 1
-                shown = sorted({str(m["stream"].get("order")) for g in chosen for m in g["runs"]})
+                shown = _orders(chosen)
                 if not title and not means and len(shown) == 1:  # no order of a headline averaged yet: say which
                     body += [f"One task order so far (order {shown[0]}): no mean or spread over orders yet.", ""]
                 body += ([title, ""] if title else []) + [header, rule]
