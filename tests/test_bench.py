@@ -408,3 +408,31 @@ def test_results_open_with_the_suite_of_lowest_position_and_older_folders_come_l
     table = results_markdown(files, layouts)
     assert table.index("## z_record") < table.index("## a_long") < table.index("## old")
     assert "One task order so far (order 1): no mean or spread over orders yet." in table
+
+
+def test_each_suite_gets_a_comparison_of_its_own_runs_named_by_order(tmp_path, tiny_config):
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, data={"stream": "mtl5", "order": 1})))
+    for name in ("s", "t"):
+        (tmp_path / f"{name}_suite.yaml").write_text(yaml.safe_dump({"name": name, "base": "base.yaml",
+                                                                     "runs": [{"method": "seq_lora"}, {"method": "replay"}]}))
+        (tmp_path / "results" / name).mkdir(parents=True)
+    write_result(tmp_path / "results" / "t" / "replay-order4.json", "replay", order=4, ap=48.0, suite="t")
+    write_result(tmp_path / "results" / "s" / "seq_lora-order1.json", "seq_lora", order=1, ap=51.0)
+    write_result(tmp_path / "results" / "s" / "seq_lora-order2.json", "seq_lora", order=2, ap=52.0)
+    write_result(tmp_path / "results" / "t" / "seq_lora-order4.json", "seq_lora", order=4, ap=44.0, suite="t")
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "s_suite.yaml"), "--table-only",
+                                      "--results-md", str(tmp_path / "RESULTS.md")])
+    assert result.exit_code == 0, result.output
+    s_rows = (tmp_path / "results" / "s" / "comparison" / "comparison.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[:2] for row in s_rows] == [["| seq_lora (order 1)", "51.0"], ["| seq_lora (order 2)", "52.0"]]
+    t_rows = (tmp_path / "results" / "t" / "comparison" / "comparison.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[:2] for row in t_rows] == [["| seq_lora (order 4)", "44.0"], ["| replay (order 4)", "48.0"]]
+    labels = [r["label"] for r in json.loads((tmp_path / "results" / "t" / "comparison" / "comparison.json").read_text())]
+    assert labels == ["seq_lora (order 4)", "replay (order 4)"]
+    # the other suite's rows in RESULTS.md follow its own run order too, not the files' names
+    t_section = (tmp_path / "RESULTS.md").read_text().split("## t")[1]
+    assert t_section.index("| seq_lora | 44.0") < t_section.index("| replay | 48.0")

@@ -316,7 +316,13 @@ def machine_description() -> str:
 def label_results(folder: Path, label: str) -> list[Path]:
     """A label's results files in a suite's results folder: made without --orders, and one per order."""
     stem = file_stem(label)
-    return [p for p in sorted(Path(folder).glob("*.json")) if p.stem == stem or p.stem.startswith(stem + "-order")]
+    mine = [p for p in Path(folder).glob("*.json") if p.stem == stem or p.stem.startswith(stem + "-order")]
+
+    def order(path: Path) -> tuple[int, str]:  # the file made without --orders first, then by order number
+        tail = path.stem[len(stem) + len("-order"):]
+        return (int(tail), "") if tail.isdigit() else (-1, path.stem) if path.stem == stem else (10**9, path.stem)
+
+    return sorted(mine, key=order)
 
 
 def all_result_files(results_root: Path, suite_path: Optional[Path] = None) -> list[Path]:

@@ -219,19 +219,27 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
             raise EvoloraError("--rerun: name the runs to redo with --only (it would otherwise redo the whole suite)")
         run_suite(suite, only, log=_echo, orders=order_list, rerun=rerun)
     spec = load_suite(suite)
-    files = all_result_files(suite.parent / spec.results, suite)
+    root = suite.parent / spec.results
     # the table covers every suite with results under this root: each suite file beside this one lays out its own
-    layouts = {other.name: other.table_layout() for other in
-               [spec] + [load_suite(path) for path in sorted(suite.parent.glob("*_suite.yaml")) if path != suite]}
-    _echo(f"results table: {write_results(files, results_md, layouts)} ({len(files)} runs)")
-    if files:  # the comparison covers every finished run of the suite, like the table
-        import json
+    # rows, in its own run order; folders without a suite file (older results) follow
+    suites = {suite: spec} | {path: load_suite(path) for path in sorted(suite.parent.glob("*_suite.yaml"))
+                              if path != suite}
+    by_suite = {path: [p for p in all_result_files(root, path) if p.parent == root / other.name]
+                for path, other in suites.items()}
+    files = [p for mine in by_suite.values() for p in mine]
+    files += [p for p in all_result_files(root) if p not in files]
+    _echo(f"results table: {write_results(files, results_md, {s.name: s.table_layout() for s in suites.values()})} "
+          f"({len(files)} runs)")
+    import json
 
-        results = [json.loads(p.read_text()) for p in files]
+    for path, mine in by_suite.items():  # each suite's comparison holds that suite's finished runs only
+        if not mine:
+            continue
+        results = [json.loads(p.read_text(encoding="utf-8")) for p in mine]
         kept = [unpack_correct(r["final_correct"]) if r.get("final_correct")
                 else None for r in results]  # AP intervals on the bars where a result kept its correctness
-        plots = compare(results, suite.parent / spec.results / spec.name / "comparison", kept)
-        _echo("comparison: " + ", ".join(str(p) for p in plots.values()))
+        plots = compare(results, root / suites[path].name / "comparison", kept)
+        _echo(f"comparison ({suites[path].name}): " + ", ".join(str(p) for p in plots.values()))
 
 
 @app.command("compare")

@@ -40,6 +40,12 @@ def _paired_table(labels: list[str], paired: dict[int, dict]) -> str:
     return "".join(lines)
 
 
+def _order_note(metrics: dict) -> str:
+    """`order N` for a benchmark run made on one task order (a suite's runs of a label differ only by it)."""
+    bench, order = metrics.get("bench"), metrics.get("stream", {}).get("order")
+    return f"order {order}" if bench and bench.get("per_order", True) and order is not None else ""
+
+
 def compare(metrics_list: list[dict], out_dir: Path,
             final_predictions: Optional[list[Optional[dict]]] = None) -> dict[str, Path]:
     """Comparison table (Markdown + JSON) and plots (AP/BWT/FWT bars, R heatmaps side by side). With the
@@ -51,10 +57,13 @@ def compare(metrics_list: list[dict], out_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = [m.get("bench", {}).get("label") or m["name"] for m in metrics_list]
+    notes = [_order_note(m) for m in metrics_list]
+    labels = [(m.get("bench", {}).get("label") or m["name"]) + (f" ({note})" if note else "") for m, note in
+              zip(metrics_list, notes)]
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
-    body = "".join("| " + " | ".join([label + row[0][len(m.get("bench", {}).get("label") or m["method"]):]] + row[1:])
-                   + " |\n" for label, m in zip(labels, metrics_list) for row in table_rows(m))
+    body = "".join("| " + " | ".join([(m.get("bench", {}).get("label") or m["name"])
+                                      + row[0][len(m.get("bench", {}).get("label") or m["method"]):]] + row[1:])
+                   + " |\n" for m, note in zip(metrics_list, notes) for row in table_rows(m, note))
     paths = {"markdown": out_dir / "comparison.md", "json": out_dir / "comparison.json",
              "bars": out_dir / "metrics_bars.png", "heatmaps": out_dir / "R_heatmaps.png"}
     paired = _paired_against_first(final_predictions) if final_predictions else {}
