@@ -320,7 +320,7 @@ def label_results(folder: Path, label: str) -> list[Path]:
 
     def order(path: Path) -> tuple[int, str]:  # the file made without --orders first, then by order number
         tail = path.stem[len(stem) + len("-order"):]
-        return (int(tail), "") if tail.isdigit() else (-1, path.stem) if path.stem == stem else (10**9, path.stem)
+        return int(tail) if tail.isdigit() else -1, path.name
 
     return sorted(mine, key=order)
 

@@ -191,6 +191,8 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
                                      "their results and run folders (after a change to a method's code)."),
           ) -> None:
     """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
+    import json
+
     from evolora.bench import all_result_files, load_suite, run_suite
     from evolora.report.compare import compare
     from evolora.report.tables import unpack_correct, write_results
@@ -230,8 +232,6 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
     files += [p for p in all_result_files(root) if p not in files]
     _echo(f"results table: {write_results(files, results_md, {s.name: s.table_layout() for s in suites.values()})} "
           f"({len(files)} runs)")
-    import json
-
     for path, mine in by_suite.items():  # each suite's comparison holds that suite's finished runs only
         if not mine:
             continue

@@ -57,13 +57,13 @@ def compare(metrics_list: list[dict], out_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = [m.get("bench", {}).get("label") or m["name"] for m in metrics_list]
     notes = [_order_note(m) for m in metrics_list]
-    labels = [(m.get("bench", {}).get("label") or m["name"]) + (f" ({note})" if note else "") for m, note in
-              zip(metrics_list, notes)]
+    labels = [name + (f" ({note})" if note else "") for name, note in zip(names, notes)]
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" for _ in COLUMNS) + "|\n"
-    body = "".join("| " + " | ".join([(m.get("bench", {}).get("label") or m["name"])
-                                      + row[0][len(m.get("bench", {}).get("label") or m["method"]):]] + row[1:])
-                   + " |\n" for m, note in zip(metrics_list, notes) for row in table_rows(m, note))
+    # table_rows names a row by its bench label or method; a run outside a suite goes by its run name here
+    body = "".join("| " + " | ".join([name + row[0][len(m.get("bench", {}).get("label") or m["method"]):]] + row[1:])
+                   + " |\n" for name, note, m in zip(names, notes, metrics_list) for row in table_rows(m, note))
     paths = {"markdown": out_dir / "comparison.md", "json": out_dir / "comparison.json",
              "bars": out_dir / "metrics_bars.png", "heatmaps": out_dir / "R_heatmaps.png"}
     paired = _paired_against_first(final_predictions) if final_predictions else {}
