@@ -79,9 +79,10 @@ def test_suite_runs_skips_and_tabulates(tmp_path, tiny_config):
 
 def test_orders_are_aggregated_as_mean_and_std(tmp_path):
     runs = []
-    for order, ap in ((1, 50.0), (2, 60.0)):
+    for order, ap, added in ((1, 50.0, 1000), (2, 60.0, 3000)):
         m = {"method": "seq_lora", "name": "x", "metrics": {"AP": ap, "BWT": -2.0}, "R": [[ap]],
-             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m", "parameters": {},
+             "stream": {"name": "mtl5", "order": order, "tasks": ["a"]}, "model": "m",
+             "parameters": {"added_per_task": added},
              "timings": {"total_s": 60.0}, "bench": {"suite": "s", "label": "seq_lora"}}
         path = tmp_path / f"seq_lora-order{order}.json"
         path.write_text(json.dumps(m))
@@ -92,6 +93,8 @@ def test_orders_are_aggregated_as_mean_and_std(tmp_path):
     (tmp_path / "seq_ft.json").write_text(json.dumps(m))
     table = results_markdown(runs + [tmp_path / "seq_ft.json"])
     assert "| seq_lora (2 orders) | 55.0 ± 7.1 |" in table
+    # a method that sizes itself per order (CMoE) shows the mean of its parameters and their range
+    assert "| 2,000 (1,000–3,000) | 1.0 ± 0.0 |" in table
     # beside means over orders, a single-order row says which order it is
     assert "| seq_ft (oracle, order 1 only) | 40.0 |" in table and "| seq_ft (locate, order 1 only) | 39.0 |" in table
     assert "| seq_ft (oracle) | 40.0 |" in results_markdown([tmp_path / "seq_ft.json"])

@@ -59,6 +59,17 @@ def _mean_std(values: list) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def _params_over_orders(values: list) -> str:
+    """Parameters added per task over task orders: one figure when every order adds the same (most methods),
+    the mean (and range) where the method sizes itself per order (CMoE's probe-guided expansion)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(set(values)) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{sum(values) / len(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+
+
 def aggregated_rows(label: str, runs: list[dict], beside_means: bool = False) -> list[list[str]]:
     """A label's row(s): its run's, or mean ± std over its runs on several task orders. `beside_means`: other
     rows of the table are means over orders, so a single-order row says which order it is (unless its run
@@ -71,8 +82,7 @@ def aggregated_rows(label: str, runs: list[dict], beside_means: bool = False) ->
     def col(key):
         return _mean_std([r.get("metrics", {}).get(key) for r in runs])
 
-    params = runs[0].get("parameters", {}).get("added_per_task")
-    params_cell = f"{params:,.0f}" if params is not None else ""
+    params_cell = _params_over_orders([r.get("parameters", {}).get("added_per_task") for r in runs])
     minutes = _mean_std([r["timings"]["total_s"] / 60 for r in runs])
     located = [r["locate"] for r in runs if r.get("locate")]
     name = f"{label} ({len(runs)} orders)"
@@ -102,7 +112,8 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
              "`knowledge` is the change of general-knowledge accuracy (points; wordnet_mc, 1,000 multiple-choice",
              "questions never trained on, choices scored by log-likelihood per token, i.e. acc_norm);",
              "`locator` is task-locator accuracy (%); `params/task` is parameters added to the base model per task (full",
-             "fine-tuning adds none: it changes the base weights); `minutes` is the run's wall time including evaluation, on",
+             "fine-tuning adds none: it changes the base weights; the mean and range over orders where a method sizes",
+             "itself per order, as CMoE does); `minutes` is the run's wall time including evaluation, on",
              "the machine the Runs list names for it (a GPU row's minutes are not comparable with a CPU row's).", ""]
     header = "| " + " | ".join(COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
