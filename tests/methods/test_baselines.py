@@ -49,6 +49,15 @@ def test_per_task_lora_routes_by_task_id(tmp_path, tiny_config):
         assert torch.allclose(outputs[2], ctx.model(input_ids=ids).logits)  # untrained task: the base model
 
 
+def test_olora_defaults_are_the_reference_lora(tmp_path, tiny_config):
+    """No options: the reference's LoRA on the attention's q and v projections, alpha 32, dropout 0.1."""
+    ctx, method = stage_context(tmp_path, tiny_config, "olora")
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[1] for n, _ in ctx.model.named_parameters() if ".lora_A." in n}
+    assert adapted == {"q_proj", "v_proj"}
+    layer = next(m for m in ctx.model.modules() if hasattr(m, "lora_dropout") and "task_0" in m.lora_dropout)
+    assert layer.scaling["task_0"] == 32 / 8 and layer.lora_dropout["task_0"].p == 0.1
+
+
 def test_olora_orthogonality_term():
     a = torch.eye(4)[:2]  # rows e0, e1
     b = torch.eye(4)[2:]  # rows e2, e3: orthogonal to a
@@ -63,6 +72,9 @@ def test_olora_loss_term_reaches_only_the_new_adapter(tmp_path, tiny_config):
     method.grow(1, ctx)
     terms = method.loss_terms(None, ctx)
     assert set(terms) == {"orthogonality", "l2"} and terms["orthogonality"].item() > 0
+    # the reference's L2: λ2 times the sum of the new adapter's matrices' (unsquared) Frobenius norms
+    new = [p for n, p in ctx.model.named_parameters() if ".task_1." in n]
+    assert new and terms["l2"].item() == pytest.approx(0.1 * sum(p.detach().norm().item() for p in new), rel=1e-5)
     sum(terms.values()).backward()
     for name, p in ctx.model.named_parameters():
         if ".task_0." in name:

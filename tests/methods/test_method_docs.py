@@ -21,7 +21,7 @@ def documented_defaults(name: str) -> dict:
         if not line.startswith("|"):
             break
         cell = [c.strip() for c in line.strip().strip("|").split("|")][column]
-        for key, value in re.findall(r"`([a-z_]+): ([^`]+)`", cell):
+        for key, value in re.findall(r"`([a-z_][a-z0-9_]*): ([^`]+)`", cell):
             found[key] = yaml.safe_load(value)
     return found
 
@@ -35,7 +35,7 @@ def code_defaults(name: str) -> dict:
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
-@pytest.mark.parametrize("name, at_least", [("moe_cl", 12), ("gere", 6), ("cmoe", 5)])
+@pytest.mark.parametrize("name, at_least", [("moe_cl", 12), ("gere", 6), ("cmoe", 5), ("olora", 6)])
 def test_documented_defaults_are_the_codes(name, at_least):
     from evolora.methods.build import _load_all
 

@@ -1,10 +1,11 @@
-"""O-LoRA (Wang et al., 2023, "Orthogonal Subspace Learning for Language Model Continual Learning"):
-a new LoRA per task, earlier ones frozen; the new adapter's A matrices are pushed orthogonal to every old
-adapter's, loss + λ1·Σ_old Σ|A_old·A_newᵀ| + λ2·‖new LoRA‖²; inference sums all adapters (no task id)."""
+"""O-LoRA (Wang et al., 2023, "Orthogonal Subspace Learning for Language Model Continual Learning"; reference
+code `cmnfriend/O-LoRA`): a new LoRA per task, earlier ones frozen; the new adapter's A matrices are pushed
+orthogonal to every old adapter's, loss + λ1·Σ_old Σ|A_old·A_newᵀ| + λ2·Σ_p ‖p‖₂ over the new adapter's
+matrices; inference sums all adapters (no task id). Defaults: the reference's (docs/methods/olora.md)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,10 @@ from evolora.methods.seq_lora import activate_adapters, add_lora, ensure_task_ad
 
 @dataclass
 class OLoRAOptions(LoraOptions):
+    # The reference's LoRA (hard-coded in its run_uie_lora.py; targets: PEFT's default for Llama-family models)
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lambda_orth: float = 0.5
     lambda_l2: float = 0.0
 
@@ -61,5 +66,5 @@ class OLoRA(Method):
         if self.options.lambda_orth and self.pairs and self.pairs[0][0]:
             terms["orthogonality"] = self.options.lambda_orth * sum(orthogonality(old, new) for old, new in self.pairs)
         if self.options.lambda_l2:
-            terms["l2"] = self.options.lambda_l2 * sum(p.pow(2).sum() for p in self.new_params)
+            terms["l2"] = self.options.lambda_l2 * sum(torch.linalg.vector_norm(p) for p in self.new_params)
         return terms
