@@ -93,6 +93,9 @@ def test_orders_are_aggregated_as_mean_and_std(tmp_path):
     (tmp_path / "seq_ft.json").write_text(json.dumps(m))
     table = results_markdown(runs + [tmp_path / "seq_ft.json"])
     assert "| seq_lora (2 orders) | 55.0 ± 7.1 |" in table
+    from evolora.report.tables import _mean_std
+
+    assert _mean_std([2.0e6, 4.0e6]) == "3.0e+06 ± 1.4e+06"  # a diverged run's drift in scientific notation
     # a method that sizes itself per order (CMoE) shows the mean of its parameters and their range
     assert "| 2,000 (1,000–3,000) | 1.0 ± 0.0 |" in table
     # beside means over orders, a single-order row says which order it is

@@ -54,9 +54,9 @@ def _mean_std(values: list) -> str:
         return ""
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.1f}"
+        return _cell(mean)
     std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{_cell(mean)} ± {_cell(std)}"  # a diverged run's drift stays readable here too
 
 
 def _params_over_orders(values: list) -> str:
