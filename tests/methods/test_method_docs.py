@@ -11,19 +11,25 @@ import yaml
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods"
 
 
-def documented_defaults(name: str) -> dict:
-    """Every `option: value` in the "evolora default" column of the doc's design table."""
-    lines = (DOCS / f"{name}.md").read_text(encoding="utf-8").splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("| choice |"))
-    column = [c.strip() for c in lines[header].strip("|").split("|")].index("evolora default")
-    found = {}
+def table_options(page: str, first: str, column: str) -> dict[str, dict]:
+    """The table of docs/methods/<page> whose header starts with `first`: each row's first cell -> every
+    `option: value` in its `column` cell."""
+    lines = (DOCS / page).read_text(encoding="utf-8").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    index = [c.strip() for c in lines[header].strip("|").split("|")].index(column)
+    rows = {}
     for line in lines[header + 2:]:
         if not line.startswith("|"):
             break
-        cell = [c.strip() for c in line.strip().strip("|").split("|")][column]
-        for key, value in re.findall(r"`([a-z_][a-z0-9_]*): ([^`]+)`", cell):
-            found[key] = yaml.safe_load(value)
-    return found
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0].strip("`")] = {key: yaml.safe_load(value)
+                                     for key, value in re.findall(r"`([a-z_][a-z0-9_]*): ([^`]+)`", cells[index])}
+    return rows
+
+
+def documented_defaults(name: str) -> dict:
+    """Every `option: value` in the "evolora default" column of the doc's design table."""
+    return {k: v for row in table_options(f"{name}.md", "choice", "evolora default").values() for k, v in row.items()}
 
 
 def code_defaults(name: str) -> dict:
@@ -52,16 +58,7 @@ def test_the_baselines_page_states_each_baselines_defaults():
     from evolora.methods.build import _load_all
 
     _load_all()
-    lines = (DOCS / "baselines.md").read_text(encoding="utf-8").splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
-    column = [c.strip() for c in lines[header].strip("|").split("|")].index("evolora defaults")
-    rows = {}
-    for line in lines[header + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[cells[0].strip("`")] = dict((k, yaml.safe_load(v)) for k, v in
-                                         re.findall(r"`([a-z_][a-z0-9_]*): ([^`]+)`", cells[column]))
+    rows = table_options("baselines.md", "method", "evolora defaults")
     assert set(rows) == {"seq_ft", "seq_lora", "multitask", "replay", "ewc", "lwf", "per_task_lora"}
     for name, documented in rows.items():
         code = code_defaults(name)
