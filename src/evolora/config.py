@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -288,7 +289,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(raw: dict, overrides: list[str] = (), source: str = "config") -> RunConfig:
-    raw = apply_overrides(dict(raw), list(overrides))
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides))  # the caller's dict (a suite's base) stays as it was
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -13,6 +13,15 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.eval.mode == "generate"
 
 
+def test_overrides_leave_the_given_dict_as_it_was():
+    """A suite builds every run's config from one base dict: one run's `--set train.lr=...` must not reach the next."""
+    base = {"name": "x", "train": {"lr": 1.0e-3}, "method": {"name": "seq_lora", "options": {"r": 8}}}
+    first = build_config(base, ["train.lr=5e-5", "method.options.r=4", "method.name=ewc"])
+    assert first.train.lr == pytest.approx(5e-5) and first.method.options == {"r": 4}
+    assert base == {"name": "x", "train": {"lr": 1.0e-3}, "method": {"name": "seq_lora", "options": {"r": 8}}}
+    assert build_config(base).train.lr == pytest.approx(1.0e-3)
+
+
 @pytest.mark.parametrize("raw, expect", [
     ({"train": {"lr": "fast"}}, "train.lr: Input should be a valid number"),
     ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
