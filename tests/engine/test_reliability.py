@@ -129,6 +129,28 @@ def test_locked_folder_and_resume_with_other_config(tmp_path, tiny_config):
         run(cfg, tmp_path / "elsewhere", resume=True)
 
 
+def test_the_run_folder_keeps_every_option_so_later_defaults_cannot_change_a_run(tmp_path, tiny_config):
+    """config.yaml spells out the method's options with their defaults; a resume whose options resolve otherwise
+    (evolora's defaults changed since the run started) is refused by name, and one started by an evolora that
+    kept only the options given still resumes."""
+    from evolora.engine import check_resume_config
+    from evolora.methods.olora import OLoRAOptions
+
+    raw = tiny_config(tmp_path, "olora")
+    run(build_config(raw))
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    assert saved["method"]["options"]["alpha"] == OLoRAOptions().alpha and saved["method"]["options"]["lambda_orth"] == 0.5
+    check_resume_config(build_config(raw), tmp_path / "run")
+    saved["method"]["options"]["alpha"] = 16  # as if the run had started when olora's default alpha was 16
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(EvoloraError, match=r"--resume: method.options.alpha is 32 here but 16 in "):
+        check_resume_config(build_config(raw), tmp_path / "run")
+    saved["method"]["options"] = {}  # a folder written before options were spelled out
+    path.write_text(yaml.safe_dump(saved))
+    check_resume_config(build_config(raw), tmp_path / "run")
+
+
 def test_corrupt_checkpoint_is_refused_by_name(tmp_path, tiny_config):
     from evolora.reload import evaluate_run
 

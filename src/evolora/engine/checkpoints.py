@@ -13,7 +13,7 @@ from evolora.engine.context import RunContext
 from evolora.engine.sharding import checkpoint_tensors
 from evolora.engine.state import load_tensors, save_tensors
 from evolora.errors import EvoloraError
-from evolora.methods import Method
+from evolora.methods import Method, spelled_out
 
 
 def checkpoint_path(run_dir: Path, stage: int) -> Path:
@@ -55,9 +55,11 @@ def check_resume_config(config: RunConfig, run_dir: Path) -> None:
     from evolora.config import load_config
 
     saved = load_config(run_dir / runfolder.CONFIG)
-
+    source = str(run_dir / runfolder.CONFIG)
+    # Both sides with every method option spelled out: a folder written with its options spelled out keeps the
+    # defaults of the evolora that started it, so a change of defaults since then is refused by name.
     ignore = {"output.dir", "output.overwrite"}
-    mine, theirs = flatten(config.model_dump(mode="json")), flatten(saved.model_dump(mode="json"))
+    mine, theirs = (flatten(spelled_out(c, source).model_dump(mode="json")) for c in (config, saved))
     for key in sorted(set(mine) | set(theirs)):
         if key not in ignore and mine.get(key) != theirs.get(key):
             raise EvoloraError(f"--resume: {key} is {mine.get(key)!r} here but {theirs.get(key)!r} in "

@@ -27,7 +27,7 @@ from evolora.engine.zero import check_zero3_method, process_state_options, zero_
 from evolora.engine.state import (clear_step_state, guarded_write, read_progress, read_step_state, step_state_fits,
                                   write_progress)
 from evolora.errors import EvoloraError
-from evolora.methods import build_method, validate_method_options
+from evolora.methods import build_method, spelled_out, validate_method_options
 from evolora.metrics import compute_metrics
 from evolora.models import bf16_products, environment
 from evolora.report import predictions_path
@@ -116,7 +116,8 @@ def _start_fresh(config: RunConfig, run_dir: Path) -> None:
     runfolder.clear(run_dir)
     runfolder.mark(run_dir, config.name)
     path = run_dir / runfolder.CONFIG
-    guarded_write(path, lambda: atomic.write_text(path, dump_config(config)))
+    text = dump_config(spelled_out(config))  # every method option, defaults filled in: what this run runs
+    guarded_write(path, lambda: atomic.write_text(path, text))
 
 
 def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: bool, fresh: bool = False) -> dict:

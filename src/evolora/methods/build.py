@@ -4,6 +4,7 @@ and the options are validated against the method's options dataclass, with its n
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from evolora.errors import ConfigError
 from evolora.methods import (cmoe, ewc, gere, lwf, moe_cl, multitask, olora,  # noqa: F401  (they register)
@@ -60,8 +61,28 @@ def build_method(method_config, source: str = "config"):
 
     addons = []
     for name, options in method_config.addons.items():
-        if name not in ADDONS:
-            raise ConfigError(f"{source}: method.addons.{name}: unknown add-on (known: {', '.join(sorted(ADDONS))})")
-        addon_cls = ADDONS[name]
+        addon_cls = addon_class(name, source)
         addons.append(addon_cls(build_options(addon_cls, options or {}, source, f"method.addons.{name}")))
     return WithAddOns(method, addons)
+
+
+def addon_class(name: str, source: str = "config"):
+    if name not in ADDONS:
+        raise ConfigError(f"{source}: method.addons.{name}: unknown add-on (known: {', '.join(sorted(ADDONS))})")
+    return ADDONS[name]
+
+
+def spelled_out(config, source: str = "config"):
+    """The run config with its method section's options spelled out: every option of the method and of each
+    add-on, defaults filled in and variants expanded. A run folder keeps this form, so that a resume or a
+    re-evaluation under a later evolora with other defaults runs what the run ran (or is refused by name)."""
+    def plain(cls, options, section):
+        built = build_options(cls, options or {}, source, section)
+        return json.loads(json.dumps(dataclasses.asdict(built))) if built is not None else {}
+
+    method = config.method
+    addons = {name: plain(addon_class(name, source), options, f"method.addons.{name}")
+              for name, options in method.addons.items()}
+    section = method.model_copy(update={"options": plain(method_class(method.name, source), method.options,
+                                                         "method.options"), "addons": addons})
+    return config.model_copy(update={"method": section})
