@@ -386,8 +386,33 @@ def test_plan_lists_the_runs_still_to_make_with_known_minutes(tmp_path, tiny_con
     (folder / "seq_lora.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 1500.0}}))
     (folder / "multitask.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 600.0}}))
     todo = plan_suite(tmp_path / "suite.yaml", orders=[1, 2])
-    assert todo == [("replay", 1, None), ("seq_ft", 1, None), ("seq_lora", 2, 25.0), ("replay", 2, None)]
+    assert todo == [("replay", 1, None, None), ("seq_ft", 1, None, None), ("seq_lora", 2, 25.0, None),
+                    ("replay", 2, None, None)]
     assert len(list(folder.iterdir())) == 2  # nothing ran or was written
+
+
+def test_plan_scales_minutes_from_a_suite_beside_it(tmp_path, tiny_config):
+    """A label this suite has never run takes its minutes from a neighbouring suite that has, times the median
+    ratio of the labels both have finished; a broken neighbour is passed over."""
+    from evolora.bench import plan_suite
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, data={"stream": "mtl5", "order": 1})))
+    runs = [{"method": "seq_lora"}, {"method": "replay"}, {"method": "ewc"}, {"method": "lwf"}]
+    for name in ("short", "long"):
+        (tmp_path / f"{name}_suite.yaml").write_text(yaml.safe_dump({"name": name, "base": "base.yaml", "runs": runs}))
+    (tmp_path / "broken_suite.yaml").write_text("name: [")
+
+    def result(suite, stem, minutes):
+        folder = tmp_path / "results" / suite
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": minutes * 60}}))
+
+    for stem, minutes in (("seq_lora", 10), ("seq_lora-order2", 30), ("replay", 40), ("ewc", 50)):
+        result("short", stem, minutes)
+    result("long", "seq_lora", 40)  # 2x short's mean of 20
+    result("long", "replay", 160)  # 4x short's 40: the median ratio is 3
+    todo = plan_suite(tmp_path / "long_suite.yaml", orders=[1])
+    assert todo == [("ewc", 1, 150.0, "short"), ("lwf", 1, None, None)]
 
 
 def test_bench_headline_plan_from_the_command_line(tmp_path, tiny_config):

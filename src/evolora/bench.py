@@ -200,19 +200,48 @@ def _selected(suite_path: Path, suite: Suite, only, orders):
 
 
 def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
-               orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], Optional[float]]]:
-    """The runs a `bench` call would make: (label, order, minutes the label took on another order or seed
-    where a results file says so, else None). Nothing runs."""
+               orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], Optional[float], Optional[str]]]:
+    """The runs a `bench` call would make: (label, order, minutes, where the minutes come from). The minutes are
+    the most the label took on another order or seed of this suite (source None); else what it took in a suite
+    beside this one, scaled by the median ratio of the minutes of the labels both suites have run (source: that
+    suite's name); else None. Nothing runs."""
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     folder = suite_path.parent / suite.results / suite.name
     todo = []
     for entry, target, run_order in _selected(suite_path, suite, only, orders):
         if not target.is_file():
-            known = [json.loads(p.read_text(encoding="utf-8"))["timings"]["total_s"] / 60
-                     for p in label_results(folder, entry.name)]
-            todo.append((entry.name, run_order, max(known) if known else None))
+            known = _label_minutes(folder, entry.name)
+            minutes, source = (max(known), None) if known else _scaled_minutes(suite_path, suite, entry.name)
+            todo.append((entry.name, run_order, minutes, source))
     return todo
+
+
+def _label_minutes(folder: Path, label: str) -> list[float]:
+    return [json.loads(p.read_text(encoding="utf-8"))["timings"]["total_s"] / 60 for p in label_results(folder, label)]
+
+
+def _scaled_minutes(suite_path: Path, suite: Suite, label: str) -> tuple[Optional[float], Optional[str]]:
+    """The label's minutes in the first suite beside this one that has run it and shares finished labels with
+    this one, times the median of (mean minutes here / mean minutes there) over those shared labels."""
+    import statistics
+
+    folder = suite_path.parent / suite.results / suite.name
+    for other_path in sorted(suite_path.parent.glob("*_suite.yaml")):
+        if other_path.resolve() == suite_path.resolve():
+            continue
+        try:
+            other = load_suite(other_path)
+        except ConfigError:
+            continue  # a broken neighbour gives no estimate; this suite's plan still stands
+        there = other_path.parent / other.results / other.name
+        theirs = _label_minutes(there, label)
+        ratios = [statistics.mean(mine) / statistics.mean(shared)
+                  for name in dict.fromkeys(run.name for run in suite.runs)
+                  if (mine := _label_minutes(folder, name)) and (shared := _label_minutes(there, name))]
+        if theirs and ratios:
+            return max(theirs) * statistics.median(ratios), other.name
+    return None, None
 
 
 def stale_results(suite_path: Path, only: Optional[list[str]] = None,

@@ -186,7 +186,7 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
                                           help="Table rebuilt from every results file of the suite's folder."),
           table_only: bool = typer.Option(False, "--table-only", help="Run nothing; rebuild the table only."),
           plan: bool = typer.Option(False, "--plan", help="Run nothing; list the runs still to make, with the "
-                                    "minutes each took on another order where known."),
+                                    "minutes each took on another order (or, scaled, in a suite beside it) where known."),
           rerun: bool = typer.Option(False, "--rerun", help="Run the selected labels again from scratch, replacing "
                                      "their results and run folders (after a change to a method's code)."),
           ) -> None:
@@ -207,11 +207,12 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         from evolora.bench import plan_suite, stale_results
 
         todo = plan_suite(suite, only, order_list)
-        for label, order, minutes in todo:
+        for label, order, minutes, source in todo:
             _echo(f"{label}  order {order if order is not None else 'base'}  "
-                  + (f"~{minutes:.0f} min" if minutes is not None else "minutes unknown"))
-        known = sum(m for _, _, m in todo if m is not None)
-        _echo(f"{len(todo)} runs to make; {known:.0f} min where known, on the machines that made them")
+                  + (f"~{minutes:.0f} min" if minutes is not None else "minutes unknown")
+                  + (f" (its {source} minutes, scaled by the labels both suites have run)" if source else ""))
+        known = sum(m for _, _, m, _ in todo if m is not None)
+        _echo(f"{len(todo)} runs to make; {known:.0f} min where known or estimated, on the machines that made them")
         for label, order, missing in stale_results(suite, only, order_list):
             _echo(f"made before the protocol's figures: {label} order {order} has no {', '.join(missing)} "
                   f"(run it again with --only {label} --rerun{f' --orders {order}' if order_list else ''})")
