@@ -241,6 +241,65 @@ def test_paired_intervals_against_the_references_pool_the_orders(tmp_path):
     assert multi_row.split(" | ")[2].endswith("(order 1)")
 
 
+def test_knowledge_differences_get_paired_intervals_where_runs_kept_each_question(tmp_path):
+    """The general-knowledge probe's per-question correctness after the last stage gives each row a difference
+    against the references with a paired-bootstrap interval, pooled over orders; a run without it gets no cell and
+    no row, and the AP table is unchanged by it."""
+    import random
+
+    from evolora.metrics import paired_ap_bootstrap
+
+    rng = random.Random(1)
+    probe = {}
+
+    def result(label, order, knows=None):
+        bits = "".join("1" if rng.random() < (knows or 0) else "0" for _ in range(200))
+        probe[(label, order)] = bits
+        fields = {"knowledge": {"per_stage": [], **({"final_correct": {"wordnet_mc": bits}} if knows else {})}}
+        return write_result(tmp_path / f"{label}-{order}.json", label, order, **fields)
+
+    files = [result("seq_lora", o, 0.6) for o in (1, 2)] + [result("seq_lora+gere", o, 0.65) for o in (1, 2)] + \
+        [result("replay", 1, 0.6), result("ewc", 1)]
+    table = results_markdown(files)
+    section = table[table.index("General knowledge after the last stage against seq_lora, replay"):]
+    row = next(line for line in section.splitlines() if line.startswith("| seq_lora+gere (2 orders) |"))
+    p = paired_ap_bootstrap({f"{o}:wordnet_mc": [c == "1" for c in probe[("seq_lora", o)]] for o in (1, 2)},
+                            {f"{o}:wordnet_mc": [c == "1" for c in probe[("seq_lora+gere", o)]] for o in (1, 2)})
+    assert row.split(" | ")[1] == f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+    assert row.split(" | ")[2].rstrip(" |").endswith("(order 1)")  # replay has order 1 only
+    assert not any(line.startswith("| ewc") for line in section.splitlines())  # kept no per-question correctness
+    assert "AP against" not in table  # these files kept no test-example correctness: no AP table
+
+
+def test_backfill_knowledge_measures_again_and_writes_only_what_reproduces(tmp_path, tiny_config):
+    """A results file made before the probe's per-question correctness was kept gets it from its run folder, the
+    same bits the run itself kept; where the probe does not give the recorded accuracy, nothing is written."""
+    from evolora.bench import backfill_knowledge
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "test.json").write_text(json.dumps([
+        {"sentence": f"The word {w} means:", "choices": ["a thing", "an act", "a place"], "label": "a thing"}
+        for w in ("stone", "run", "city", "calm", "tree")]))
+    base = tiny_config(tmp_path, data={"max_tasks": 1}, eval={"general_tasks": [str(probe)]})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    suite = {"name": "s", "base": "base.yaml", "runs_dir": str(tmp_path / "runs"),
+             "runs": [{"method": "seq_lora"}, {"method": "replay"}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    seq_lora, replay = run_suite(tmp_path / "suite.yaml", log=lambda _: None)
+    kept = json.loads(seq_lora.read_text())["knowledge"]["final_correct"]
+    for path, shift in ((seq_lora, 0.0), (replay, 1.0)):  # replay's file says another accuracy than its model gives
+        metrics = json.loads(path.read_text())
+        del metrics["knowledge"]["final_correct"]
+        metrics["knowledge"]["per_stage"][-1]["mean"] += shift
+        path.write_text(json.dumps(metrics))
+    logs = []
+    assert backfill_knowledge(tmp_path / "suite.yaml", log=logs.append) == [seq_lora]
+    assert json.loads(seq_lora.read_text())["knowledge"]["final_correct"] == kept
+    assert "final_correct" not in json.loads(replay.read_text())["knowledge"]
+    assert any("(not written)" in line for line in logs)
+
+
 def test_a_forty_run_comparison_stays_readable(tmp_path):
     """40 runs: the heatmaps in a grid of six columns (not one 13,000-px row), AP intervals on the bars where the
     runs kept their predictions, a distinct colour/style/marker per drift line."""

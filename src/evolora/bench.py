@@ -266,6 +266,38 @@ def stale_results(suite_path: Path, only: Optional[list[str]] = None,
     return stale
 
 
+def backfill_knowledge(suite_path: Path, only: Optional[list[str]] = None, orders: Optional[list[int]] = None,
+                       log=print) -> list[Path]:
+    """Results files of the selected runs made before evolora kept the knowledge probe's per-question
+    correctness get it from their finished run folders: the final model is loaded and the probe measured again
+    (minutes a run); it is written only where the probe's accuracy equals the one the results file recorded."""
+    from evolora.reload import evaluate_run
+
+    suite_path = Path(suite_path)
+    suite = load_suite(suite_path)
+    filled = []
+    for entry, target, _ in _selected(suite_path, suite, only, orders):
+        metrics = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
+        knowledge = metrics.get("knowledge") or {}
+        run_dir = Path(suite.runs_dir) / suite.name / target.stem
+        if not knowledge.get("per_stage") or knowledge.get("final_correct"):
+            continue
+        if not (run_dir / "config.yaml").is_file():
+            log(f"[{entry.name}] {target.name}: no run folder at {run_dir} (skipped)")
+            continue
+        measured = evaluate_run(run_dir, knowledge=True)["knowledge"]
+        recorded = knowledge["per_stage"][-1]["mean"]
+        if abs(measured["mean"] - recorded) > 1e-9:
+            log(f"[{entry.name}] {target.name}: the probe gives {measured['mean']:.2f} %, the run recorded "
+                f"{recorded:.2f} % (not written)")
+            continue
+        knowledge["final_correct"] = measured["correct"]
+        atomic.write_json(target, metrics)
+        log(f"[{entry.name}] {target.name}: knowledge per question kept ({recorded:.1f} %, as recorded)")
+        filled.append(target)
+    return filled
+
+
 def add_final_correctness(metrics: dict, run_dir: Path) -> None:
     """The final model's per-example correctness ("0"/"1" per test example, per task) goes into the results file,
     with task ids given and, for methods with a locator, located: the paired intervals of docs/RESULTS.md need it."""

@@ -83,13 +83,15 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
                                                    "method.options.reassign* (moe_cl) reassigns experts."),
           trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
           allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+          knowledge: bool = typer.Option(False, "--knowledge", help="Also measure the run's general-knowledge "
+                                         "probe (eval.general_tasks), with each question's correctness."),
           ) -> None:
     """Re-evaluate a finished run's final model on every task of its stream."""
     from evolora.reload import evaluate_run
 
     overrides = ([f"eval.mode={mode}"] if mode else []) + ([f"eval.task_id={task_id}"] if task_id else []) \
         + list(set_ or [])
-    result = evaluate_run(run_dir, overrides, trust_remote_code, allow_pickle)
+    result = evaluate_run(run_dir, overrides, trust_remote_code, allow_pickle, knowledge)
     located = result.get("locator_per_task", {})
     for name, acc in result["accuracy"].items():
         _echo(f"{name:>24}  {acc:6.1f}" + (f"   located {located[name]:5.1f} %" if name in located else ""))
@@ -99,6 +101,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run folder."),
     moved = {t: e for t, e in result.get("answerer", {}).items() if t != e}
     if moved:
         _echo("reassigned: " + ", ".join(f"{t} answered by {e}" for t, e in moved.items()))
+    if "knowledge" in result:
+        _echo(f"general knowledge {result['knowledge']['mean']:.1f} %")
     _echo(f"mean {result['mean']:.2f}  (written to {Path(run_dir) / 'eval.json'})")
 
 
@@ -189,6 +193,9 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
                                     "minutes each took on another order (or, scaled, in a suite beside it) where known."),
           rerun: bool = typer.Option(False, "--rerun", help="Run the selected labels again from scratch, replacing "
                                      "their results and run folders (after a change to a method's code)."),
+          backfill_knowledge: bool = typer.Option(False, "--backfill-knowledge", help="Run nothing new; give finished "
+                                                  "runs' results files the knowledge probe's per-question correctness, "
+                                                  "measured again from their run folders (minutes a run)."),
           ) -> None:
     """Run a benchmark suite (skipping runs whose results exist), rebuild the results table and plots."""
     import json
@@ -217,7 +224,11 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
             _echo(f"made before the protocol's figures: {label} order {order} has no {', '.join(missing)} "
                   f"(run it again with --only {label} --rerun{f' --orders {order}' if order_list else ''})")
         return
-    if not table_only:
+    if backfill_knowledge:
+        from evolora.bench import backfill_knowledge as backfill
+
+        backfill(suite, only, order_list, log=_echo)
+    elif not table_only:
         if rerun and not only:
             raise EvoloraError("--rerun: name the runs to redo with --only (it would otherwise redo the whole suite)")
         run_suite(suite, only, log=_echo, orders=order_list, rerun=rerun)

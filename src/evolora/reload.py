@@ -10,8 +10,8 @@ import torch
 from evolora import atomic
 from evolora.data.tasks import Example
 from evolora.config import load_config
-from evolora.engine import (build_context, checkpoint_path, evaluate_located_final, evaluate_row, load_checkpoint,
-                            write_predictions)
+from evolora.engine import (build_context, checkpoint_path, evaluate_located_final, evaluate_row, general_knowledge,
+                            load_checkpoint, write_predictions)
 from evolora.errors import EvoloraError
 from evolora.models import bf16_products
 from evolora.report import predictions_path
@@ -62,13 +62,19 @@ def run_precision(run_dir: Path, overrides: list[str] = ()):
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False,
-                 allow_pickle: bool = False) -> dict:
+                 allow_pickle: bool = False, knowledge: bool = False) -> dict:
+    """The final model on every task of the stream (eval.json); with `knowledge`, also on the run's
+    general-knowledge probe (eval.general_tasks), routed as the run routed it after its last stage, with each
+    question's correctness."""
     with run_precision(run_dir, overrides):
-        return _evaluate_run(run_dir, overrides, trust_remote_code, allow_pickle)
+        return _evaluate_run(run_dir, overrides, trust_remote_code, allow_pickle, knowledge)
 
 
-def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, allow_pickle: bool) -> dict:
+def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, allow_pickle: bool,
+                  knowledge: bool) -> dict:
     ctx, method = load_run(run_dir, overrides, trust_remote_code, allow_pickle)
+    if knowledge and not ctx.config.eval.general_tasks:
+        raise EvoloraError(f"--knowledge: {run_dir}'s config has no eval.general_tasks to measure")
     label = f"eval-{ctx.config.eval.task_id}"
     path = predictions_path(run_dir, label) if ctx.config.eval.save_predictions else None
     if ctx.config.eval.task_id == "locate":
@@ -82,6 +88,8 @@ def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, 
             write_predictions(ctx, path, info["predictions"], label)
         extra = {}
     extra.update(method.eval_record())
+    if knowledge:
+        extra["knowledge"] = general_knowledge(ctx, method, max(ctx.stages[-1]))
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
               "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
               **extra}

@@ -31,8 +31,14 @@ def torchrun(tmp_path, raw: dict, name: str = "c", **launch_env):
 
 
 def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config):
+    probe = tmp_path / "probe"  # a general-knowledge probe of 5 questions: shards of 3 and 2
+    probe.mkdir()
+    (probe / "test.json").write_text(json.dumps([
+        {"sentence": f"The word {w} means:", "choices": ["a thing", "an act", "a place"], "label": choice}
+        for w, choice in (("stone", "a thing"), ("run", "an act"), ("city", "a place"), ("calm", "a thing"),
+                          ("tree", "a thing"))]))
     raw = tiny_config(tmp_path, model={"device": "cpu"}, data={"train_per_label": 6, "test_per_label": 5},
-                      train={"batch_size": 2})
+                      train={"batch_size": 2}, eval={"general_tasks": [str(probe)]})
     result, env = torchrun(tmp_path, raw)  # the zero-shot row is computed by the two processes
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Accuracy matrix R") == 1  # only rank 0 reports
@@ -46,11 +52,14 @@ def test_two_process_run_matches_single_process_evaluation(tmp_path, tiny_config
     final = load_file(run_dir / "checkpoints" / "stage-02.safetensors")
     assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # it trained
 
-    single = subprocess.run([sys.executable, "-m", "evolora", "eval", str(run_dir)],
+    single = subprocess.run([sys.executable, "-m", "evolora", "eval", str(run_dir), "--knowledge"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr
     evaluated = json.loads((run_dir / "eval.json").read_text())
     assert [evaluated["accuracy"][t] for t in metrics["stream"]["tasks"]] == metrics["R"][-1]
+    # the probe's per-question correctness, gathered from the two ranks, is what one process finds, in order
+    assert evaluated["knowledge"]["correct"] == metrics["knowledge"]["final_correct"]
+    assert evaluated["knowledge"]["mean"] == metrics["knowledge"]["per_stage"][-1]["mean"]
     # the two ranks' shards of the predictions are put back in test-set order
     def predictions(label):
         lines = (run_dir / "predictions" / f"{label}.jsonl").read_text().splitlines()

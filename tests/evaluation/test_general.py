@@ -75,6 +75,11 @@ def test_general_knowledge_is_measured_on_the_base_model_and_after_every_stage(t
     assert all(k["tasks"]["probe"]["n"] == 5 for k in per_stage)
     assert record["knowledge"]["norm"] == "tokens"
     assert record["metrics"]["knowledge_pts"] == per_stage[-1]["mean"] - per_stage[0]["mean"]
+    # each question's correctness after the last stage (by the table's normalisation), for paired intervals
+    bits = record["knowledge"]["final_correct"]["probe"]
+    assert len(bits) == 5 and set(bits) <= {"0", "1"}
+    assert 100.0 * bits.count("1") / 5 == pytest.approx(per_stage[-1]["tasks"]["probe"]["acc_norm"])
+    assert not any("correct" in k for k in per_stage)
     path = tmp_path / "m.json"
     path.write_text(json.dumps({**record, "bench": {"label": "x", "suite": "s"}}))
     row = next(line for line in results_markdown([path]).splitlines() if line.startswith("| x |"))

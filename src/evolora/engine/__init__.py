@@ -13,8 +13,8 @@ from evolora.engine.checkpoints import check_resume_config, checkpoint_path, loa
 from evolora.engine.context import RunContext, build_context, count_parameters
 from evolora.engine.loop import Interrupted, StepLog, train_stage
 from evolora.engine.runner import check_gpus_per_node, run
-from evolora.engine.scoring import evaluate_located_final, evaluate_row, write_predictions
+from evolora.engine.scoring import evaluate_located_final, evaluate_row, general_knowledge, write_predictions
 
 __all__ = ["Interrupted", "RunContext", "StepLog", "build_context", "check_gpus_per_node",
            "check_resume_config", "checkpoint_path", "count_parameters", "evaluate_located_final", "evaluate_row",
-           "load_checkpoint", "run", "train_stage", "write_predictions"]
+           "general_knowledge", "load_checkpoint", "run", "train_stage", "write_predictions"]

@@ -315,7 +315,10 @@ def _metrics_record(config, method, ctx, names, R, zero_shot, stage_records, tim
         "general": {"text": config.eval.general_text, "perplexity": general_ppl,
                     "drift_pct_per_stage": drift} if general_ppl else None,
         "knowledge": {"tasks": list(config.eval.general_tasks), "norm": config.eval.choice_norm,
-                      "per_stage": knowledge} if knowledge else None,
+                      "per_stage": [{k: v for k, v in known.items() if k != "correct"} for known in knowledge],
+                      **({"final_correct": knowledge[-1]["correct"]}
+                         if complete and len(knowledge) > 1 and knowledge[-1].get("correct") else {})}
+        if knowledge else None,
         "parameters": {**params, "added_per_task": params["added"] / n_tasks if n_tasks else 0},
         "stages": stage_records,
         "timings": {**timings, "train_s": sum(s["train"]["seconds"] for s in stage_records),

@@ -288,7 +288,9 @@ def general_perplexity(ctx: RunContext, method: Method, route_task: Optional[int
 
 def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]) -> Optional[dict]:
     """Accuracy on the multiple-choice general-knowledge tasks (eval.general_tasks), never trained on, routed as
-    `general_perplexity` routes: {task: {acc, acc_norm, n}} and `mean` (by eval.choice_norm), or None."""
+    `general_perplexity` routes: {task: {acc, acc_norm, n}}, `mean` (by eval.choice_norm), and `correct`: each
+    question's correctness by that normalisation ("0"/"1" per question, in the task's order; for paired
+    intervals between runs), or None."""
     cfg = ctx.config.eval
     if not cfg.general_tasks:
         return None
@@ -300,11 +302,21 @@ def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]
 
     accelerator, shard = ctx.accelerator, eval_shard(ctx)
     ctx.model.eval()
-    out: dict[str, Any] = {"tasks": {}}
+    out: dict[str, Any] = {"tasks": {}, "correct": {}}
     with accelerator.autocast(), method.route(route_task):
         for task in ctx.knowledge_tasks:
             r = evaluate_choices(ctx.model, task, -1, ctx.prompts, ctx.device, cfg.batch_size, cfg.choice_norm,
                                  plain=True, shard=shard)
+            hits = ["1" if p == ex.output else "0" for p, ex in zip(r.predictions, task.test[shard[0]::shard[1]])]
+            parts = [hits]
+            if shard[1] > 1:
+                from accelerate.utils import gather_object
+
+                parts = gather_object([hits])
+            merged = [""] * len(task.test)
+            for rank, part in enumerate(parts):
+                merged[rank::shard[1]] = part
+            out["correct"][task.name] = "".join(merged)
             counts = torch.tensor([r.correct, r.correct_norm, r.total], dtype=torch.float64)
             if shard[1] > 1:
                 counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()

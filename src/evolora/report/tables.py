@@ -223,11 +223,23 @@ REFERENCES = ("seq_lora", "replay", "multitask")
 """The rows every other row's AP is compared with (when the suite has them and both kept their predictions)."""
 
 
-def _correct_by_order(runs: list[dict], located: bool = False) -> dict[object, dict[str, str]]:
-    """Per task order: task -> the final model's per-example correctness ("0"/"1" per test example)."""
+def _final(metrics: dict) -> dict | None:
+    return metrics.get("final_correct")
+
+
+def _located(metrics: dict) -> dict | None:
+    return (metrics.get("locate") or {}).get("final_correct")
+
+
+def _knowledge(metrics: dict) -> dict | None:
+    return (metrics.get("knowledge") or {}).get("final_correct")
+
+
+def _correct_by_order(runs: list[dict], pick=_final) -> dict[object, dict[str, str]]:
+    """Per task order: task -> per-example correctness ("0"/"1" per example) as `pick` reads it from a run."""
     out = {}
     for metrics in runs:
-        bits = (metrics.get("locate") or {}).get("final_correct") if located else metrics.get("final_correct")
+        bits = pick(metrics)
         if bits:
             out[metrics["stream"].get("order")] = bits
     return out
@@ -263,25 +275,41 @@ def _order_free(group: list[dict]) -> bool:
 
 
 def paired_section(runs: list[dict]) -> list[str]:
-    """Each row's AP against seq_lora, replay and multitask: the difference and its 95 % paired-bootstrap
-    interval over the same test examples, pooled over the task orders both have."""
+    """Each row's AP, and its general knowledge after the last stage, against seq_lora, replay and multitask:
+    the difference and its 95 % paired-bootstrap interval over the same examples (test examples; the knowledge
+    probe's questions), pooled over the task orders both have."""
+    groups = {g["label"]: g["runs"] for g in _aggregate(runs)}
+    ap = _paired_table(groups, [("oracle", _final), ("locate", _located)],
+                       "AP against {refs}: the difference (points) and its 95 % paired-bootstrap interval over the same "
+                       "test examples, pooled over the orders both have (a cell names them when they are fewer than the "
+                       "row's). An interval that crosses zero is no measurable difference at this budget.")
+    knowledge = _paired_table(groups, [("", _knowledge)],
+                              "General knowledge after the last stage against {refs}: the difference (points; the base "
+                              "model is the same, so it is also the difference of the `knowledge` change) and its 95 % "
+                              "paired-bootstrap interval over the same questions, pooled over the orders both have. "
+                              "Runs made before evolora kept each question's correctness have no cell.")
+    return ap + knowledge
+
+
+def _paired_table(groups: dict[str, list[dict]], picks: list, title: str) -> list[str]:
+    """Rows of differences against the REFERENCES for each way `picks` reads a run's correctness (a kind name and
+    a reader: the final model with task ids given or located, or the knowledge probe)."""
     from evolora.metrics import paired_ap_bootstrap
 
-    groups = {g["label"]: g["runs"] for g in _aggregate(runs)}
-    references = {name: _correct_by_order(groups[name]) for name in REFERENCES if name in groups}
+    references = {name: _correct_by_order(groups[name], picks[0][1]) for name in REFERENCES if name in groups}
     references = {name: bits for name, bits in references.items() if bits}
     if not references:
         return []
     order_free = {label: _order_free(group) for label, group in groups.items()}
     rows = []
     for label, group in groups.items():
-        for located in (False, True):
-            mine = _correct_by_order(group, located)
+        for kind, pick in picks:
+            mine = _correct_by_order(group, pick)
             if not mine:
                 continue
             cells = []
             for name, reference in references.items():
-                pair = None if name == label and not located else \
+                pair = None if name == label and pick is picks[0][1] else \
                     _pooled(reference, mine, order_free[name], order_free[label])
                 if pair is None:
                     cells.append("")
@@ -292,13 +320,11 @@ def paired_section(runs: list[dict]) -> list[str]:
                 cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
                              + (f" (order {', '.join(pooled)})" if named else ""))
             if any(cells):
-                kind = ("locate, " if located else "oracle, ") if group[0].get("locate") else ""
+                kind_cell = f"{kind}, " if kind and group[0].get("locate") else ""
                 count = "one run for every order" if order_free[label] else f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
-                rows.append(f"| {label} ({kind}{count}) | " + " | ".join(cells) + " |")
+                rows.append(f"| {label} ({kind_cell}{count}) | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    return ["", "AP against " + ", ".join(references) + ": the difference (points) and its 95 % paired-bootstrap "
-            "interval over the same test examples, pooled over the orders both have (a cell names them when they are "
-            "fewer than the row's). An interval that crosses zero is no measurable difference at this budget.", "",
+    return ["", title.format(refs=", ".join(references)), "",
             "| method | " + " | ".join(f"vs {name}" for name in references) + " |",
             "|---|" + "|".join("---" for _ in references) + "|", *rows]
