@@ -321,7 +321,10 @@ def _paired_table(groups: dict[str, list[dict]], picks: list, title: str) -> lis
                              + (f" (order {', '.join(pooled)})" if named else ""))
             if any(cells):
                 kind_cell = f"{kind}, " if kind and group[0].get("locate") else ""
-                count = "one run for every order" if order_free[label] else f"{len(mine)} order{'s' if len(mine) > 1 else ''}"
+                runs_orders = len({r["stream"].get("order") for r in group})  # with or without per-example figures
+                shown = max(len(mine), runs_orders)
+                count = "one run for every order" if order_free[label] else \
+                    f"{len(mine)}{f' of {runs_orders}' if len(mine) < runs_orders else ''} order{'s' if shown > 1 else ''}"
                 rows.append(f"| {label} ({kind_cell}{count}) | " + " | ".join(cells) + " |")
     if not rows:
         return []
