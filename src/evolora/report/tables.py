@@ -235,7 +235,7 @@ def _knowledge(metrics: dict) -> dict | None:
     return (metrics.get("knowledge") or {}).get("final_correct")
 
 
-def _correct_by_order(runs: list[dict], pick=_final) -> dict[object, dict[str, str]]:
+def _correct_by_order(runs: list[dict], pick) -> dict[object, dict[str, str]]:
     """Per task order: task -> per-example correctness ("0"/"1" per example) as `pick` reads it from a run."""
     out = {}
     for metrics in runs:
@@ -322,9 +322,8 @@ def _paired_table(groups: dict[str, list[dict]], picks: list, title: str) -> lis
             if any(cells):
                 kind_cell = f"{kind}, " if kind and group[0].get("locate") else ""
                 runs_orders = len({r["stream"].get("order") for r in group})  # with or without per-example figures
-                shown = max(len(mine), runs_orders)
                 count = "one run for every order" if order_free[label] else \
-                    f"{len(mine)}{f' of {runs_orders}' if len(mine) < runs_orders else ''} order{'s' if shown > 1 else ''}"
+                    f"{len(mine)}{f' of {runs_orders}' if len(mine) < runs_orders else ''} order{'s' if runs_orders > 1 else ''}"
                 rows.append(f"| {label} ({kind_cell}{count}) | " + " | ".join(cells) + " |")
     if not rows:
         return []
