@@ -144,7 +144,7 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         if only and entry.name not in only or not _runs_on(entry, order):
             continue
         target, run_order = _target(suite_path, suite, entry, order, rerun)
-        run_dir = Path(suite.runs_dir) / suite.name / target.stem
+        run_dir = _run_dir(suite, target)
         if target.is_file() and not rerun:
             log(f"[{entry.name}] results exist: {target} (skipped)")
             _backfill_correctness(target, run_dir)
@@ -168,6 +168,10 @@ def _run_suite_order(suite_path: Path, only, log, order: Optional[int], rerun: b
         atomic.write_json(target, metrics)
         done.append(target)
     return done
+
+
+def _run_dir(suite: Suite, target: Path) -> Path:  # the run folder behind a results file
+    return Path(suite.runs_dir) / suite.name / target.stem
 
 
 def _runs_on(entry: SuiteRun, order: Optional[int]) -> bool:
@@ -201,10 +205,9 @@ def _selected(suite_path: Path, suite: Suite, only, orders):
 
 def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
                orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], Optional[float], Optional[str]]]:
-    """The runs a `bench` call would make: (label, order, minutes, where the minutes come from). The minutes are
-    the most the label took on another order or seed of this suite (source None); else what it took in a suite
-    beside this one, scaled by the median ratio of the minutes of the labels both suites have run (source: that
-    suite's name); else None. Nothing runs."""
+    """The runs a `bench` call would make: (label, order, minutes, source). Minutes: the most the label took on
+    another order or seed of this suite (source None), else its minutes in a suite beside this one scaled by the
+    labels both have run (source: that suite's name; `_scaled_minutes`), else None. Nothing runs."""
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     folder = suite_path.parent / suite.results / suite.name
@@ -271,7 +274,7 @@ def backfill_knowledge(suite_path: Path, only: Optional[list[str]] = None, order
     """Results files of the selected runs made before evolora kept the knowledge probe's per-question
     correctness get it from their finished run folders: the final model is loaded and the probe measured again
     (minutes a run); it is written only where the probe's accuracy equals the one the results file recorded."""
-    from evolora.reload import evaluate_run
+    from evolora.reload import run_knowledge
 
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
@@ -279,13 +282,13 @@ def backfill_knowledge(suite_path: Path, only: Optional[list[str]] = None, order
     for entry, target, _ in _selected(suite_path, suite, only, orders):
         metrics = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
         knowledge = metrics.get("knowledge") or {}
-        run_dir = Path(suite.runs_dir) / suite.name / target.stem
+        run_dir = _run_dir(suite, target)
         if not knowledge.get("per_stage") or knowledge.get("final_correct"):
             continue
         if not (run_dir / "config.yaml").is_file():
             log(f"[{entry.name}] {target.name}: no run folder at {run_dir} (skipped)")
             continue
-        measured = evaluate_run(run_dir, knowledge=True)["knowledge"]
+        measured = run_knowledge(run_dir)
         recorded = knowledge["per_stage"][-1]["mean"]
         if abs(measured["mean"] - recorded) > 1e-9:
             log(f"[{entry.name}] {target.name}: the probe gives {measured['mean']:.2f} %, the run recorded "

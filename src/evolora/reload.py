@@ -73,8 +73,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bo
 def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, allow_pickle: bool,
                   knowledge: bool) -> dict:
     ctx, method = load_run(run_dir, overrides, trust_remote_code, allow_pickle)
-    if knowledge and not ctx.config.eval.general_tasks:
-        raise EvoloraError(f"--knowledge: {run_dir}'s config has no eval.general_tasks to measure")
+    known = _final_knowledge(ctx, method, run_dir) if knowledge else None  # first: a run without a probe fails fast
     label = f"eval-{ctx.config.eval.task_id}"
     path = predictions_path(run_dir, label) if ctx.config.eval.save_predictions else None
     if ctx.config.eval.task_id == "locate":
@@ -88,13 +87,27 @@ def _evaluate_run(run_dir: Path, overrides: list[str], trust_remote_code: bool, 
             write_predictions(ctx, path, info["predictions"], label)
         extra = {}
     extra.update(method.eval_record())
-    if knowledge:
-        extra["knowledge"] = general_knowledge(ctx, method, max(ctx.stages[-1]))
+    if known is not None:
+        extra["knowledge"] = known
     result = {"accuracy": {t.name: a for t, a in zip(ctx.tasks, row)}, "mean": sum(row) / len(row),
               "mode": ctx.config.eval.mode, "task_id": ctx.config.eval.task_id, "overrides": list(overrides),
               **extra}
     atomic.write_json(Path(run_dir) / "eval.json", result)
     return result
+
+
+def run_knowledge(run_dir: Path) -> dict:
+    """The finished run's final model on its general-knowledge probe only (eval.general_tasks), routed as the run
+    routed it after its last stage, with each question's correctness; its tasks are not evaluated again."""
+    with run_precision(run_dir):
+        ctx, method = load_run(run_dir)
+        return _final_knowledge(ctx, method, run_dir)
+
+
+def _final_knowledge(ctx, method, run_dir: Path) -> dict:
+    if not ctx.config.eval.general_tasks:
+        raise EvoloraError(f"--knowledge: {run_dir}'s config has no eval.general_tasks to measure")
+    return general_knowledge(ctx, method, max(ctx.stages[-1]))
 
 
 def read_inputs(path: Path) -> list[Example]:

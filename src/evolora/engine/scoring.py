@@ -182,26 +182,35 @@ def evaluate_dev(ctx: RunContext, method: Method) -> dict:
     return {"R_final": row, "AP": sum(scored) / len(scored), "n": {tasks[j].name: len(tasks[j].dev) for j in indices}}
 
 
+def gather_shards(ctx: RunContext, local: dict[str, list], sizes: dict[str, int]) -> dict[str, list]:
+    """Each process holds examples rank::world of every named list (eval_shard): the whole lists, in example
+    order, on every process (a collective: every process calls it)."""
+    world = eval_shard(ctx)[1]
+    parts = [local]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([local])
+    whole = {}
+    for name, size in sizes.items():
+        whole[name] = [None] * size
+        for rank, part in enumerate(parts):
+            whole[name][rank::world] = part[name]
+    return whole
+
+
 def write_predictions(ctx: RunContext, path: Path, predictions: dict[str, list], label: str) -> None:
     """One JSON line per evaluated test example: `label` (the stage or evaluation it belongs to), task,
     index in the task's test set, input, gold answer, prediction, correct. Each process holds the
     predictions of its shard (examples rank::world); they are gathered and the main process writes."""
-    world = eval_shard(ctx)[1]
-    parts = [predictions]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([predictions])
+    whole = gather_shards(ctx, predictions, {t.name: len(t.test) for t in ctx.tasks if t.name in predictions})
     if not ctx.accelerator.is_main_process:
         return
     lines = []
     for task in ctx.tasks:
         if task.name not in predictions:
             continue
-        merged: list = [None] * len(task.test)
-        for rank, part in enumerate(parts):
-            merged[rank::world] = part[task.name]
-        for index, (example, prediction) in enumerate(zip(task.test, merged)):
+        for index, (example, prediction) in enumerate(zip(task.test, whole[task.name])):
             gold = example.output.strip()
             lines.append(json.dumps({"eval": label, "task": task.name, "index": index, "input": example.input,
                                      "gold": gold, "prediction": prediction, "correct": prediction == gold},
@@ -308,15 +317,7 @@ def general_knowledge(ctx: RunContext, method: Method, route_task: Optional[int]
             r = evaluate_choices(ctx.model, task, -1, ctx.prompts, ctx.device, cfg.batch_size, cfg.choice_norm,
                                  plain=True, shard=shard)
             hits = ["1" if p == ex.output else "0" for p, ex in zip(r.predictions, task.test[shard[0]::shard[1]])]
-            parts = [hits]
-            if shard[1] > 1:
-                from accelerate.utils import gather_object
-
-                parts = gather_object([hits])
-            merged = [""] * len(task.test)
-            for rank, part in enumerate(parts):
-                merged[rank::shard[1]] = part
-            out["correct"][task.name] = "".join(merged)
+            out["correct"][task.name] = "".join(gather_shards(ctx, {task.name: hits}, {task.name: len(task.test)})[task.name])
             counts = torch.tensor([r.correct, r.correct_norm, r.total], dtype=torch.float64)
             if shard[1] > 1:
                 counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
