@@ -103,6 +103,19 @@ def test_orders_are_aggregated_as_mean_and_std(tmp_path):
     assert "| seq_ft (oracle) | 40.0 |" in results_markdown([tmp_path / "seq_ft.json"])
 
 
+def test_rows_made_on_a_gpu_say_so_beside_their_minutes(tmp_path):
+    cpu, gpu = "CPU x2 AVX512, 1 thread(s), x86_64, torch 2.13.0+cpu", "NVIDIA H100 80GB HBM3, x86_64, torch 2.11.0"
+    bench = lambda label, machine: {"suite": "s", "label": label, "machine": machine}  # noqa: E731
+    paths = [write_result(tmp_path / "a.json", "a", timings={"total_s": 120.0}, bench=bench("a", cpu)),
+             write_result(tmp_path / "b.json", "b", timings={"total_s": 120.0}, bench=bench("b", gpu)),
+             write_result(tmp_path / "c1.json", "c", order=1, bench=bench("c", gpu)),
+             write_result(tmp_path / "c2.json", "c", order=2, bench=bench("c", cpu))]
+    rows = {line.split(" | ")[0]: line for line in results_markdown(paths).splitlines() if line.startswith("| ")}
+    assert rows["| a (order 1 only)"].endswith("| 2.0 |")
+    assert rows["| b (order 1 only)"].endswith("| 2.0 GPU |")
+    assert rows["| c (2 orders)"].endswith("| 1.0 ± 0.0 GPU and CPU |")  # a mean over both kinds measures neither
+
+
 def test_every_shipped_suite_builds_a_valid_config_for_every_run():
     import json
     from pathlib import Path

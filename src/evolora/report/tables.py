@@ -17,6 +17,20 @@ def _cell(value, digits=1) -> str:
     return f"{value:.1e}" if abs(value) >= 1e6 else f"{value:.{digits}f}"  # a diverged run's drift stays readable
 
 
+def _on_gpu(metrics: dict) -> bool:
+    """Whether the bench made this run on a GPU (its machine line names the device; a CPU's starts "CPU")."""
+    machine = metrics.get("bench", {}).get("machine", "")
+    return bool(machine) and not machine.startswith("CPU")
+
+
+def _minutes(runs: list[dict]) -> str:
+    """The minutes cell: one run's, or mean ± std over runs; "GPU" after it where the runs were made on one,
+    "GPU and CPU" where they mixed (a mean over both kinds measures neither)."""
+    cell = _mean_std([r["timings"]["total_s"] / 60 for r in runs])
+    gpu = sum(_on_gpu(r) for r in runs)
+    return cell if not gpu else f"{cell} GPU" if gpu == len(runs) else f"{cell} GPU and CPU"
+
+
 def table_rows(metrics: dict, note: str = "") -> list[list[str]]:
     """One row per run; a run evaluated with located task ids as well gives `label (oracle)` and
     `label (locate)` (the latter from the final model only, so only AP and the locator's accuracy). `note` goes
@@ -25,7 +39,7 @@ def table_rows(metrics: dict, note: str = "") -> list[list[str]]:
     label = metrics.get("bench", {}).get("label") or metrics["method"]
     params = metrics.get("parameters", {}).get("added_per_task")
     params_cell = f"{params:,.0f}" if params is not None else ""
-    minutes = _cell(metrics["timings"]["total_s"] / 60)
+    minutes = _minutes([metrics])
     locate = metrics.get("locate")
 
     def named(kind: str) -> str:
@@ -83,7 +97,7 @@ def aggregated_rows(label: str, runs: list[dict], beside_means: bool = False) ->
         return _mean_std([r.get("metrics", {}).get(key) for r in runs])
 
     params_cell = _params_over_orders([r.get("parameters", {}).get("added_per_task") for r in runs])
-    minutes = _mean_std([r["timings"]["total_s"] / 60 for r in runs])
+    minutes = _minutes(runs)
     located = [r["locate"] for r in runs if r.get("locate")]
     name = f"{label} ({len(runs)} orders)"
     rows = [[name.replace(" (", " (oracle, ", 1) if located else name, col("AP"), col("Avg"), col("BWT"), col("FWT"),
@@ -114,7 +128,8 @@ def results_markdown(result_files: list[Path], layouts: dict | None = None) -> s
              "`locator` is task-locator accuracy (%); `params/task` is parameters added to the base model per task (full",
              "fine-tuning adds none: it changes the base weights; the mean and range over orders where a method sizes",
              "itself per order, as CMoE does); `minutes` is the run's wall time including evaluation, on",
-             "the machine the Runs list names for it (a GPU row's minutes are not comparable with a CPU row's).", ""]
+             "the machine the Runs list names for it; a row made on a GPU says `GPU` after its minutes (they are",
+             "not comparable with a CPU row's).", ""]
     header = "| " + " | ".join(COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     body, notes = [], []
