@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,8 @@ EMBEDDED = {
 # Bumped when the conversion changes, so that folders converted before are converted again (2: special
 # tokens taken from the GGUF's metadata).
 CONVERSION = "2"
+STAMP = "evolora-conversion.txt"
+STAGING_MARK = "evolora-staging.txt"
 TINY = "tiny-llama"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -117,12 +120,47 @@ def bf16_products(model_config: ModelConfig) -> contextlib.AbstractContextManage
 
 
 def embedded_model_dir(name: str) -> Path:
-    """The plain HF folder of an embedded model, converted from its GGUF file on first use."""
-    spec = EMBEDDED[name]
-    target = cache_dir() / spec["folder"]
-    stamp = target / "evolora-conversion.txt"
-    if (target / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text().strip() == CONVERSION:
+    """The plain HF folder of an embedded model, converted from its GGUF file on first use. Processes that
+    start together (two bench lanes) convert it once: the conversion holds a lock beside the folder, writes a
+    staging folder of its own and renames it into place."""
+    from filelock import FileLock
+
+    target = cache_dir() / EMBEDDED[name]["folder"]
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(target.name + ".lock"))):
+        if _converted(target):  # another process converted it while this one waited
+            return target
+        if target.exists() and not (target / STAMP).is_file():
+            raise EvoloraError(f"{target}: not a folder evolora converted (no {STAMP}); move it away or set "
+                               "EVOLORA_CACHE to another folder")
+        for leftover in target.parent.glob(f"{target.name}.*.partial"):  # a killed conversion's, marked as ours
+            if (leftover / STAGING_MARK).is_file():
+                shutil.rmtree(leftover)
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".partial", dir=target.parent))
+        try:
+            (staging / STAGING_MARK).write_text("a conversion by evolora in progress\n")
+            _convert_embedded(name, staging)
+            (staging / STAGING_MARK).unlink()
+            (staging / STAMP).write_text(CONVERSION + "\n")
+            if target.exists():  # an older conversion (its stamp names another CONVERSION)
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    stamp = target / STAMP
+    return (target / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text().strip() == CONVERSION
+
+
+def _convert_embedded(name: str, out: Path) -> None:
+    """Writes the embedded model `name` as a plain HF folder (fp32 weights and its tokenizer) into `out`."""
+    spec = EMBEDDED[name]
     found = importlib.util.find_spec(spec["package"])
     if found is None or not found.submodule_search_locations:
         raise EvoloraError(f"model.name: the embedded model {name} needs its package: {spec['pip']}")
@@ -149,14 +187,8 @@ def embedded_model_dir(name: str) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / stamp.name).write_text(CONVERSION + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    return target
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
