@@ -142,11 +142,11 @@ def embedded_model_dir(name: str) -> Path:
         try:
             (staging / STAGING_MARK).write_text("a conversion by evolora in progress\n")
             _convert_embedded(name, staging)
-            (staging / STAGING_MARK).unlink()
             (staging / STAMP).write_text(CONVERSION + "\n")
             if target.exists():  # an older conversion (its stamp names another CONVERSION)
                 shutil.rmtree(target)
             os.replace(staging, target)
+            (target / STAGING_MARK).unlink()  # kept until the rename: a staging folder is always marked
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
