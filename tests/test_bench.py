@@ -459,8 +459,8 @@ def test_plan_lists_the_runs_still_to_make_with_known_minutes(tmp_path, tiny_con
     (folder / "seq_lora.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 1500.0}}))
     (folder / "multitask.json").write_text(json.dumps({"stream": {"order": 1}, "timings": {"total_s": 600.0}}))
     todo = plan_suite(tmp_path / "suite.yaml", orders=[1, 2])
-    assert todo == [("replay", 1, None, None), ("seq_ft", 1, None, None), ("seq_lora", 2, 25.0, None),
-                    ("replay", 2, None, None)]
+    assert todo == [("replay", 1, None, None, None), ("seq_ft", 1, None, None, None), ("seq_lora", 2, 25.0, None, None),
+                    ("replay", 2, None, None, None)]
     assert len(list(folder.iterdir())) == 2  # nothing ran or was written
 
 
@@ -485,7 +485,7 @@ def test_plan_scales_minutes_from_a_suite_beside_it(tmp_path, tiny_config):
     result("long", "seq_lora", 40)  # 2x short's mean of 20
     result("long", "replay", 160)  # 4x short's 40: the median ratio is 3
     todo = plan_suite(tmp_path / "long_suite.yaml", orders=[1])
-    assert todo == [("ewc", 1, 150.0, "short"), ("lwf", 1, None, None)]
+    assert todo == [("ewc", 1, 150.0, "short", (100.0, 200.0)), ("lwf", 1, None, None, None)]
 
 
 def test_bench_headline_plan_from_the_command_line(tmp_path, tiny_config):

@@ -203,11 +203,12 @@ def _selected(suite_path: Path, suite: Suite, only, orders):
                 yield entry, target, run_order
 
 
-def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
-               orders: Optional[list[int]] = None) -> list[tuple[str, Optional[int], Optional[float], Optional[str]]]:
-    """The runs a `bench` call would make: (label, order, minutes, source). Minutes: the most the label took on
-    another order or seed of this suite (source None), else its minutes in a suite beside this one scaled by the
-    labels both have run (source: that suite's name; `_scaled_minutes`), else None. Nothing runs."""
+def plan_suite(suite_path: Path, only: Optional[list[str]] = None, orders: Optional[list[int]] = None
+               ) -> list[tuple[str, Optional[int], Optional[float], Optional[str], Optional[tuple[float, float]]]]:
+    """The runs a `bench` call would make: (label, order, minutes, source, span). Minutes: the most the label took
+    on another order or seed of this suite (source and span None), else its minutes in a suite beside this one
+    scaled by the labels both have run (source: that suite's name; span: the estimate under the smallest and the
+    largest of those labels' ratios; `_scaled_minutes`), else None. Nothing runs."""
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     folder = suite_path.parent / suite.results / suite.name
@@ -215,8 +216,8 @@ def plan_suite(suite_path: Path, only: Optional[list[str]] = None,
     for entry, target, run_order in _selected(suite_path, suite, only, orders):
         if not target.is_file():
             known = _label_minutes(folder, entry.name)
-            minutes, source = (max(known), None) if known else _scaled_minutes(suite_path, suite, entry.name)
-            todo.append((entry.name, run_order, minutes, source))
+            minutes, source, span = (max(known), None, None) if known else _scaled_minutes(suite_path, suite, entry.name)
+            todo.append((entry.name, run_order, minutes, source, span))
     return todo
 
 
@@ -224,9 +225,11 @@ def _label_minutes(folder: Path, label: str) -> list[float]:
     return [json.loads(p.read_text(encoding="utf-8"))["timings"]["total_s"] / 60 for p in label_results(folder, label)]
 
 
-def _scaled_minutes(suite_path: Path, suite: Suite, label: str) -> tuple[Optional[float], Optional[str]]:
-    """The label's minutes in the first suite beside this one that has run it and shares finished labels with
-    this one, times the median of (mean minutes here / mean minutes there) over those shared labels."""
+def _scaled_minutes(suite_path: Path, suite: Suite, label: str):
+    """(minutes, source suite, (low, high)): the label's minutes in the first suite beside this one that has run
+    it and shares finished labels with this one, times the median of (mean minutes here / mean minutes there)
+    over those shared labels; low and high use the smallest and largest ratio (methods scale differently with a
+    longer stream: on long15 against MTL5 from 1.2x to 3.5x), so a user sees how far off the estimate may be."""
     import statistics
 
     folder = suite_path.parent / suite.results / suite.name
@@ -243,8 +246,9 @@ def _scaled_minutes(suite_path: Path, suite: Suite, label: str) -> tuple[Optiona
                   for name in dict.fromkeys(run.name for run in suite.runs)
                   if (mine := _label_minutes(folder, name)) and (shared := _label_minutes(there, name))]
         if theirs and ratios:
-            return max(theirs) * statistics.median(ratios), other.name
-    return None, None
+            return (max(theirs) * statistics.median(ratios), other.name,
+                    (max(theirs) * min(ratios), max(theirs) * max(ratios)))
+    return None, None, None
 
 
 def stale_results(suite_path: Path, only: Optional[list[str]] = None,

@@ -214,11 +214,12 @@ def bench(suite: Path = typer.Argument(..., help="Suite YAML (base config + list
         from evolora.bench import plan_suite, stale_results
 
         todo = plan_suite(suite, only, order_list)
-        for label, order, minutes, source in todo:
+        for label, order, minutes, source, span in todo:
             _echo(f"{label}  order {order if order is not None else 'base'}  "
                   + (f"~{minutes:.0f} min" if minutes is not None else "minutes unknown")
-                  + (f" (its {source} minutes, scaled by the labels both suites have run)" if source else ""))
-        known = sum(m for _, _, m, _ in todo if m is not None)
+                  + (f" (its {source} minutes, scaled by the labels both suites have run: {span[0]:.0f}-{span[1]:.0f}"
+                     " min under their smallest and largest ratio)" if source else ""))
+        known = sum(m for _, _, m, _, _ in todo if m is not None)
         _echo(f"{len(todo)} runs to make; {known:.0f} min where known or estimated, on the machines that made them")
         for label, order, missing in stale_results(suite, only, order_list):
             _echo(f"made before the protocol's figures: {label} order {order} has no {', '.join(missing)} "
