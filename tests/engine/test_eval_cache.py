@@ -75,3 +75,48 @@ def test_evolora_eval_of_a_finished_run_reproduces_its_final_row_made_with_the_c
     assert result.exit_code == 0, result.output
     evaluated = json.loads((run_dir / "eval.json").read_text())
     assert [evaluated["accuracy"][t] for t in on["stream"]["tasks"]] == on["R"][-1]
+
+
+class CrashedInEvaluation(Exception):
+    pass
+
+
+@pytest.mark.parametrize("damage", [None, "foreign", "corrupt"])
+def test_a_resumed_run_keeps_its_eval_cache_and_gives_the_same_R(tmp_path, tiny_config, monkeypatch, damage):
+    """The cache is kept in the run folder after every stage's evaluation: a run that resumes re-scores only
+    what changed, as the uninterrupted run did. A cache file made under other settings, or unreadable, is
+    ignored (every task is scored again) and R is still the same."""
+    import json
+
+    import evolora.engine.runner as engine
+
+    reference = run_with_cache(tmp_path / "ref", tiny_config, "per_task_lora", True)
+    assert [s["eval_reused"] for s in reference["stages"]] == [0, 2, 2]
+
+    raw = tiny_config(tmp_path, "per_task_lora", data={"max_tasks": 3}, eval={"cache": True, "future_tasks": "all"})
+    real_evaluate_row, calls = engine.evaluate_row, {"n": 0}
+
+    def crashing_evaluate_row(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # stage 3's evaluation, after its checkpoint was saved
+            raise CrashedInEvaluation()
+        return real_evaluate_row(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate_row", crashing_evaluate_row)
+    with pytest.raises(CrashedInEvaluation):
+        run(build_config(raw), log=lambda _: None)
+    monkeypatch.setattr(engine, "evaluate_row", real_evaluate_row)
+    kept = tmp_path / "run" / "state" / "eval-cache-0of1.json"
+    stored = json.loads(kept.read_text())
+    assert sorted(stored["entries"]) == ["0", "1", "2"]
+    if damage == "foreign":
+        kept.write_text(json.dumps({**stored, "scope": "0" * 64}))
+    elif damage == "corrupt":
+        kept.write_text('{"scope": ')
+
+    logs = []
+    resumed = engine.run(build_config(raw), resume=True, log=logs.append)
+    assert resumed["R"] == reference["R"] and resumed["metrics"] == reference["metrics"]
+    reused = [s["eval_reused"] for s in resumed["stages"]]
+    assert reused == ([0, 2, 2] if damage is None else [0, 2, 0])
+    assert any("3 task scores kept for the eval cache" in line for line in logs) == (damage is None)

@@ -20,8 +20,8 @@ from evolora.engine.context import RunContext, build_context, count_parameters
 from evolora.engine.loop import StepLog, partitions_optimizer, train_stage
 from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_dev,
                                     evaluate_located_final,
-                                    evaluate_row, general_knowledge, general_perplexity, tasks_to_evaluate,
-                                    write_predictions, zero_shot_row)
+                                    evaluate_row, general_knowledge, general_perplexity, load_eval_cache,
+                                    save_eval_cache, tasks_to_evaluate, write_predictions, zero_shot_row)
 from evolora.engine.trackers import Trackers, check_trackers
 from evolora.engine.zero import check_zero3_method, process_state_options, zero_stage
 from evolora.engine.state import (clear_step_state, guarded_write, read_progress, read_step_state, step_state_fits,
@@ -174,8 +174,10 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             method.grow(stage, ctx)
         path = checkpoint_path(run_dir, loaded - 1)
         load_checkpoint(ctx, method, path, checksums.get(path.name))
+        reused = load_eval_cache(ctx, run_dir)
         log(f"resumed after stage {completed}/{len(ctx.stages)}"
-            + (f"; stage {loaded} was trained and is evaluated now" if trained else ""))
+            + (f"; stage {loaded} was trained and is evaluated now" if trained else "")
+            + (f"; {reused} task scores kept for the eval cache" if reused else ""))
     step_state = read_step_state(run_dir)
     launch = (ctx.accelerator.num_processes, partitions_optimizer(ctx))
     if step_state and trained is None and step_state["stage"] == completed and not step_state_fits(step_state, *launch):
@@ -236,6 +238,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
             policy = config.eval.future_tasks if continual else "all"
             row, info = evaluate_row(ctx, method, tasks_to_evaluate(policy, max(task_indices), len(ctx.tasks)),
                                      config.eval.task_id)
+            save_eval_cache(ctx, run_dir)
             if config.eval.save_predictions:
                 write_predictions(ctx, predictions_path(run_dir, f"stage-{stage + 1:02d}"), info["predictions"],
                                   f"stage-{stage + 1:02d}")

@@ -13,6 +13,7 @@ from evolora import atomic
 from evolora.engine.context import RunContext, autocast_dtype
 from evolora.engine.sharding import eval_shard
 from evolora.engine.state import guarded_write
+from evolora.runfolder import STATE
 from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
 from evolora.methods import Method
@@ -163,6 +164,59 @@ def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],
     locator = {ctx.tasks[j].name: 100.0 * counts[j, 2].item() / counts[j, 1].item() for j in task_indices} \
         if task_id == "locate" else {}
     return row, {"predictions": predictions, "locator": locator}
+
+
+def _eval_cache_file(ctx: RunContext, run_dir: Path) -> Path:
+    rank, world = eval_shard(ctx)  # each process keeps the scores of its own shard of the examples
+    return Path(run_dir) / STATE / f"eval-cache-{rank}of{world}.json"
+
+
+def _eval_cache_scope(ctx: RunContext) -> str:
+    """Everything but the answering tensors that decides a cached score: the config (model, data, method, train
+    and eval settings; not the run's name or output), the shard, each task's test examples and evolora's
+    version."""
+    import hashlib
+
+    from evolora import __version__
+
+    tasks = [[t.name, t.instruction, t.labels, [[e.input, e.output, e.instruction, list(e.choices or [])]
+                                                for e in t.test]] for t in ctx.tasks]
+    source = json.dumps({"config": ctx.config.model_dump(mode="json", exclude={"name", "output"}), "shard": list(eval_shard(ctx)),
+                         "tasks": tasks, "version": __version__}, sort_keys=True)
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def save_eval_cache(ctx: RunContext, run_dir: Optional[Path]) -> None:
+    """Keeps the eval cache in the run folder after a stage's evaluation, so a resumed run re-scores only what
+    changed since (in memory alone, the first evaluation after a resume scores every task again)."""
+    if run_dir is None or not ctx.config.eval.cache or not ctx.eval_cache:
+        return
+    if eval_shard(ctx)[1] == 1 and not ctx.accelerator.is_main_process:
+        return  # every process scored every example: the main one keeps them
+    path = _eval_cache_file(ctx, run_dir)
+    entries = {str(j): [key, {"correct": r.correct, "total": r.total, "predictions": r.predictions, "score": r.score}]
+               for j, (key, r) in ctx.eval_cache.items()}
+    guarded_write(path, lambda: atomic.write_json(path, {"scope": _eval_cache_scope(ctx), "entries": entries}))
+
+
+def load_eval_cache(ctx: RunContext, run_dir: Path) -> int:
+    """The eval cache a run folder kept, when it was made under the same scope (`_eval_cache_scope`); a missing,
+    unreadable or foreign file is ignored (the tasks are scored again). Returns the number of entries loaded."""
+    from evolora.evaluation import TaskResult
+
+    path = _eval_cache_file(ctx, run_dir)
+    if not ctx.config.eval.cache or not path.is_file():
+        return 0
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("scope") != _eval_cache_scope(ctx):
+            return 0
+        ctx.eval_cache = {int(j): (str(key), TaskResult(int(r["correct"]), int(r["total"]), list(r["predictions"]),
+                                                        r["score"]))
+                          for j, (key, r) in stored["entries"].items() if 0 <= int(j) < len(ctx.tasks)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+    return len(ctx.eval_cache)
 
 
 def evaluate_dev(ctx: RunContext, method: Method) -> dict:
