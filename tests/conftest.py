@@ -48,3 +48,26 @@ def train_through(ctx, method, stop, start=0):
         examples = method.training_examples(stage, ctx.encode_train(stage), ctx)
         train_stage(ctx, method, stage, examples, StepLog(None), 0)
         method.after_stage(stage, ctx)
+
+
+class CrashedInEvaluation(Exception):
+    pass
+
+
+def run_crashing_in_evaluation(config, monkeypatch, stage: int) -> None:
+    """Runs `config` until its engine crashes in stage `stage`'s evaluation (1-based), after that stage's
+    checkpoint was saved; the engine's evaluation is real again afterwards."""
+    import evolora.engine.runner as engine
+
+    real_evaluate_row, calls = engine.evaluate_row, {"n": 0}
+
+    def crashing_evaluate_row(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == stage:
+            raise CrashedInEvaluation()
+        return real_evaluate_row(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate_row", crashing_evaluate_row)
+    with pytest.raises(CrashedInEvaluation):
+        engine.run(config, log=lambda _: None)
+    monkeypatch.setattr(engine, "evaluate_row", real_evaluate_row)

@@ -3,6 +3,7 @@ the same with the cache on or off."""
 
 import pytest
 import torch
+from conftest import run_crashing_in_evaluation
 
 from evolora.config import build_config
 from evolora.engine import run
@@ -77,10 +78,6 @@ def test_evolora_eval_of_a_finished_run_reproduces_its_final_row_made_with_the_c
     assert [evaluated["accuracy"][t] for t in on["stream"]["tasks"]] == on["R"][-1]
 
 
-class CrashedInEvaluation(Exception):
-    pass
-
-
 @pytest.mark.parametrize("damage", [None, "foreign", "corrupt"])
 def test_a_resumed_run_keeps_its_eval_cache_and_gives_the_same_R(tmp_path, tiny_config, monkeypatch, damage):
     """The cache is kept in the run folder after every stage's evaluation: a run that resumes re-scores only
@@ -94,18 +91,7 @@ def test_a_resumed_run_keeps_its_eval_cache_and_gives_the_same_R(tmp_path, tiny_
     assert [s["eval_reused"] for s in reference["stages"]] == [0, 2, 2]
 
     raw = tiny_config(tmp_path, "per_task_lora", data={"max_tasks": 3}, eval={"cache": True, "future_tasks": "all"})
-    real_evaluate_row, calls = engine.evaluate_row, {"n": 0}
-
-    def crashing_evaluate_row(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # stage 3's evaluation, after its checkpoint was saved
-            raise CrashedInEvaluation()
-        return real_evaluate_row(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate_row", crashing_evaluate_row)
-    with pytest.raises(CrashedInEvaluation):
-        run(build_config(raw), log=lambda _: None)
-    monkeypatch.setattr(engine, "evaluate_row", real_evaluate_row)
+    run_crashing_in_evaluation(build_config(raw), monkeypatch, stage=3)
     kept = tmp_path / "run" / "state" / "eval-cache-0of1.json"
     stored = json.loads(kept.read_text())
     assert sorted(stored["entries"]) == ["0", "1", "2"]

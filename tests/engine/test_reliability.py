@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import CrashedInEvaluation, run_crashing_in_evaluation
 from evolora.config import build_config
 from evolora.engine import checkpoint_path, run
 from evolora.errors import EvoloraError
@@ -253,10 +254,6 @@ def test_pickle_only_model_folder_is_refused(tmp_path):
         load_model(ModelConfig(name=str(folder)))
 
 
-class CrashedInEvaluation(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method_name", ["seq_lora", "cmoe", "moe_cl"])
 def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_path, tiny_config, monkeypatch,
                                                                          method_name):
@@ -265,24 +262,12 @@ def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_pat
     raw = tiny_config(tmp_path, method_name, output={"keep_checkpoints": "last"})
     reference = run(build_config({**raw, "output": {**raw["output"], "dir": str(tmp_path / "ref")}}))
 
-    real_evaluate_row = engine.evaluate_row
-    calls = {"n": 0}
-
-    def crashing_evaluate_row(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # stage 2's evaluation, after its checkpoint was saved
-            raise CrashedInEvaluation()
-        return real_evaluate_row(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate_row", crashing_evaluate_row)
-    with pytest.raises(CrashedInEvaluation):
-        run(build_config(raw))
+    run_crashing_in_evaluation(build_config(raw), monkeypatch, stage=2)
     run_dir = tmp_path / "run"
     progress = read_progress(run_dir)
     assert len(progress["R"]) == 1 and progress["trained"]["stage"] == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["stage-02.safetensors"]
 
-    monkeypatch.setattr(engine, "evaluate_row", real_evaluate_row)
     monkeypatch.setattr(engine, "train_stage", lambda *a, **k: pytest.fail("a trained stage was trained again"))
     logs = []
     resumed = engine.run(build_config(raw), resume=True, log=logs.append)
