@@ -206,9 +206,8 @@ def _selected(suite_path: Path, suite: Suite, only, orders):
 def plan_suite(suite_path: Path, only: Optional[list[str]] = None, orders: Optional[list[int]] = None
                ) -> list[tuple[str, Optional[int], Optional[float], Optional[str], Optional[tuple[float, float]]]]:
     """The runs a `bench` call would make: (label, order, minutes, source, span). Minutes: the most the label took
-    on another order or seed of this suite (source and span None), else its minutes in a suite beside this one
-    scaled by the labels both have run (source: that suite's name; span: the estimate under the smallest and the
-    largest of those labels' ratios; `_scaled_minutes`), else None. Nothing runs."""
+    on another order or seed of this suite (source, span None), else scaled from a suite beside it (source: its
+    name; span: (low, high); `_scaled_minutes`), else None. Nothing runs."""
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
     folder = suite_path.parent / suite.results / suite.name
@@ -227,15 +226,12 @@ def _label_minutes(folder: Path, label: str) -> list[float]:
 
 def _scaled_minutes(suite_path: Path, suite: Suite, label: str):
     """(minutes, source suite, (low, high)): the label's minutes in the first suite beside this one that has run
-    it and shares finished labels with this one, times the median of (mean minutes here / mean minutes there)
-    over those shared labels; low and high use the smallest and largest ratio (methods scale differently with a
-    longer stream: on long15 against MTL5 from 1.2x to 3.5x), so a user sees how far off the estimate may be."""
+    it and shares finished labels with it, times the median of (mean minutes here / there) over those labels;
+    low and high take the smallest and largest ratio (methods scale differently: long15/MTL5 is 1.2x-3.5x)."""
     import statistics
 
     folder = suite_path.parent / suite.results / suite.name
-    for other_path in sorted(suite_path.parent.glob("*_suite.yaml")):
-        if other_path.resolve() == suite_path.resolve():
-            continue
+    for other_path in sorted(p for p in suite_path.parent.glob("*_suite.yaml") if p.resolve() != suite_path.resolve()):
         try:
             other = load_suite(other_path)
         except ConfigError:
@@ -246,8 +242,7 @@ def _scaled_minutes(suite_path: Path, suite: Suite, label: str):
                   for name in dict.fromkeys(run.name for run in suite.runs)
                   if (mine := _label_minutes(folder, name)) and (shared := _label_minutes(there, name))]
         if theirs and ratios:
-            return (max(theirs) * statistics.median(ratios), other.name,
-                    (max(theirs) * min(ratios), max(theirs) * max(ratios)))
+            return max(theirs) * statistics.median(ratios), other.name, (max(theirs) * min(ratios), max(theirs) * max(ratios))
     return None, None, None
 
 
