@@ -323,6 +323,7 @@ def test_reassignment_moves_a_task_only_for_a_clearly_lower_loss(tmp_path, tiny_
     """After each stage, an old task compares its answerer with the new expert, the new task every expert;
     a move needs a loss lower by more than the margin."""
     ctx, method = moe_context(tmp_path, tiny_config, reassign_examples=2, reassign_margin=0.1)
+    ctx.config.eval.cache = False  # nothing trains here: every score would be kept (tested below)
     table = {1: {(0, 0): 1.0, (0, 1): 0.5, (1, 0): 0.95, (1, 1): 1.0},
              2: {(0, 1): 0.5, (0, 2): 0.3, (1, 1): 1.0, (1, 2): 0.95, (2, 0): 0.2, (2, 1): 0.6, (2, 2): 0.25}}
     asked = []
@@ -473,6 +474,32 @@ def test_with_snapshots_an_old_task_can_take_the_newest_shared_expert(tmp_path, 
         routed = logits(method.route(0))
         assert torch.equal(routed, logits(method._use_expert(0, 1)))  # its expert, the live shared expert
         assert not torch.equal(routed, logits(method._use_expert(0, 0)))  # not its snapshot
+
+
+@pytest.mark.parametrize("reassign_by", ["loss", "accuracy"])
+def test_kept_reassignment_scores_give_the_same_scores_and_choices(tmp_path, tiny_config, reassign_by):
+    """With eval.cache a candidate whose answering tensors (frozen expert and gate, frozen shared snapshot) and
+    the reassignment settings are unchanged keeps its score from an earlier stage: every stage's scores and
+    answerers are those of a run that scores every candidate again, and fewer are scored."""
+    def stages(name, cache):
+        raw = tiny_config(tmp_path / name, "moe_cl",
+                          method={"options": {"memory_per_task": 2, "shared_snapshots": True, "gate": "task",
+                                              "mixing": "proj", "reassign_examples": 6, "reassign_by": reassign_by}},
+                          data={"max_tasks": 3, "train_per_label": 4, "dev_per_label": 3},
+                          train={"lr": 5e-2}, eval={"cache": cache})
+        return [s["train"]["method"] for s in run(build_config(raw))["stages"]]
+
+    kept, again = stages("kept", True), stages("again", False)
+    assert [s["reassign_scores"] for s in kept] == [s["reassign_scores"] for s in again]
+    assert [s["answerer"] for s in kept] == [s["answerer"] for s in again]
+    assert [s["reassign_reused"] for s in again] == [0, 0, 0]
+    # each old task's answerer, frozen since the stage before, is not scored again (1 old task, then 2)
+    assert [s["reassign_reused"] for s in kept][:2] == [0, 1] and kept[2]["reassign_reused"] >= 2
+    changed = {"gate": "layer"}  # one gate for every task, trained at every stage: nothing can be kept
+    raw = tiny_config(tmp_path / "layer", "moe_cl", data={"max_tasks": 3, "train_per_label": 4, "dev_per_label": 3},
+                      method={"options": {"memory_per_task": 2, "shared_snapshots": True, "reassign_examples": 4,
+                                          **changed}})
+    assert [s["train"]["method"]["reassign_reused"] for s in run(build_config(raw))["stages"]] == [0, 0, 0]
 
 
 def test_reassignment_leaves_training_unchanged(tmp_path, tiny_config):

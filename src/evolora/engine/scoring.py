@@ -17,6 +17,7 @@ from evolora.runfolder import STATE
 from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
 from evolora.methods import Method
+from evolora.methods.base import fingerprint  # noqa: F401  (scores are cached by it)
 
 
 def tasks_to_evaluate(policy: str, seen_upto: int, num_tasks: int) -> list[int]:
@@ -100,18 +101,6 @@ def base_general_knowledge(ctx: RunContext) -> Optional[dict]:
     key = {"tasks": [_content_hash([folder]) for folder in cfg.general_tasks], "names": list(cfg.general_tasks),
            "eval": cfg.model_dump(include={"choice_norm", "batch_size"})}
     return _cached(ctx, "base_knowledge", key, lambda: general_knowledge(ctx, Method(), None))
-
-
-def fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of named tensors (names, dtypes, shapes, bytes): equal exactly when the tensors are."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def evaluate_row(ctx: RunContext, method: Method, task_indices: list[int],

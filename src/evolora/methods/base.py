@@ -11,6 +11,7 @@ On reload:  setup, grow for every finished stage, the checkpoint's tensors (less
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -19,6 +20,16 @@ import torch
 RunContext = Any
 """The engine's run context (evolora.engine.RunContext: config, model, tokenizer, prompts, tasks, device,
 accelerator, stages, log). Methods sit below the engine, so they name it without importing it."""
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes, bytes): equal exactly when the tensors are."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

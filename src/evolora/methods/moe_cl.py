@@ -18,9 +18,8 @@ stored prompts of earlier tasks (`memory_per_task`), frozen shared snapshots per
 answering experts by dev accuracy. Any option given beside it overrides the variant's value.
 
 Shared snapshots (`shared_snapshots`, not in the paper): expert 1+2t is task t's and 2+2t a frozen copy of
-the shared expert taken when task t finished; a task that is not the latest reads its copy.
-
-Reassignment (`reassign_examples` > 0, not in the paper): methods/reassign.py."""
+the shared expert taken when task t finished; a task that is not the latest reads its copy. Reassignment
+(`reassign_examples` > 0, not in the paper): methods/reassign.py."""
 
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.data.prompting import Encoded
+from evolora.errors import ConfigError
 from evolora.methods.base import Method
 from evolora.methods.experts import ExpertModel, GradientReversal, MixedFFN, Route, decoder_layers, pool_recorded
 from evolora.methods.locator import LocatorHooks, LocatorOptions
@@ -130,8 +130,6 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         chosen = opts.discriminator_layers if opts.discriminator_layers is not None else list(range(n_layers))
         bad = [i for i in chosen if not -n_layers <= i < n_layers]
         if bad:
-            from evolora.errors import ConfigError
-
             raise ConfigError(f"method.options.discriminator_layers: layer {bad[0]} does not exist "
                               f"(the model has {n_layers})")
         self.disc_layers = sorted({i % n_layers for i in chosen})
@@ -154,7 +152,7 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         self.reassign_scores: dict[str, dict[str, float]] = {}
         """Per task: each candidate answerer's score on its kept examples (answer loss, or error rate with
         `reassign_by: accuracy`); lower is better."""
-        self.reassign_s = 0.0
+        self.reassign_s, self.reassign_reused = 0.0, 0  # seconds and scores kept from earlier stages, last time
         self.fixed_task: Optional[tuple[int, int]] = None
         """(task whose expert and gate, task whose shared snapshot) for every sample while routed."""
         self.sample_tasks: Optional[torch.Tensor] = None
@@ -263,12 +261,16 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         return Route(torch.stack([shared, self._expert_of(tasks)], dim=1), g)
 
     def answer_state(self, task_index):
-        """What `route(task_index)` answers with: the answering task's expert and gate, and the shared expert it
-        reads (the live one, or a frozen snapshot), in every layer."""
-        if task_index >= self.tasks_with_experts:
-            experts, gate = (0,), None
-        else:
-            expert, shared_of = self.answerer[task_index].tolist()
+        """What `route(task_index)` answers with (a task without an expert yet: the shared expert alone)."""
+        return self.answering_state(tuple(self.answerer[task_index].tolist()) if task_index < self.tasks_with_experts
+                                    else None)
+
+    def answering_state(self, answer: Optional[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """What `_use_expert(*answer)` answers with (None: `_use_expert(-1)`): the expert and gate, and the shared
+        expert it reads (the live one, or a frozen snapshot), in every layer."""
+        experts, gate = (0,), None
+        if answer is not None:
+            expert, shared_of = answer
             shared = self._expert_of(shared_of) + 1 if self.options.shared_snapshots and shared_of < self.current else 0
             experts, gate = (shared, self._expert_of(expert)), self._gate_of(expert)
         state = {}  # named by slot, not by expert index: a snapshot holds what the live shared expert held
@@ -374,7 +376,7 @@ class MoECL(ReassignHooks, LocatorHooks, Method):
         if self.options.reassign_examples:
             out["answerer"] = self.answerers()
             out["reassign_scores"] = dict(self.reassign_scores)
-            out["reassign_s"] = self.reassign_s
+            out["reassign_s"], out["reassign_reused"] = self.reassign_s, self.reassign_reused
         return out
 
     def refit(self, ctx, changed):

@@ -5,7 +5,11 @@ examples (its dev split when the stream has one), by answer loss or by error rat
 
 A mixin for an expert method that provides `options` (reassign_examples, reassign_by, reassign_margin, seed,
 shared_snapshots), `model`, `experts`, `tasks`, `tasks_with_experts`, `answerer` (per task: the task whose
-expert answers it and the task whose shared snapshot does) and `_use_expert(task, shared_of)`."""
+expert answers it and the task whose shared snapshot does), `_use_expert(task, shared_of)` and
+`answering_state(answer)` (the tensors `_use_expert(*answer)` answers with).
+
+A candidate's score is kept with the fingerprint of those tensors (`eval.cache`): a frozen expert with a frozen
+shared snapshot is scored once, not again at every stage; the choices are the same (tested)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 
 from evolora.data.prompting import Encoded
 from evolora.data.tasks import Example, Task
+from evolora.methods.base import fingerprint
 
 
 class ReassignHooks:
@@ -74,10 +79,29 @@ class ReassignHooks:
         self.experts.clear()
         return total / len(examples)
 
+    def _candidate_scores(self, t: int, candidates: list[tuple[int, int]], ctx) -> dict[tuple[int, int], float]:
+        """Each candidate's score for task `t`: kept from an earlier stage while the tensors that answer with it
+        and the reassignment settings are unchanged, else scored now."""
+        cache = self.__dict__.setdefault("reassign_cache", {})
+        keep = ctx.config.eval.cache and getattr(ctx, "zero_engine", None) is None  # ZeRO shards the tensors
+        settings = (self.options.reassign_by, self.options.reassign_examples, self.options.seed)
+        score, scores = None, {}
+        for c in candidates:
+            key = (settings, fingerprint(self.answering_state(c))) if keep else None
+            if key is not None and cache.get((t, c), (None,))[0] == key:
+                scores[c] = cache[(t, c)][1]
+                self.reassign_reused += 1
+                continue
+            score = score or self._reassign_scorer(t, ctx)
+            scores[c] = score(c)
+            if key is not None:
+                cache[(t, c)] = (key, scores[c])
+        return scores
+
     def reassign(self, stage: int, ctx, every_expert: bool = False) -> None:
         """Chooses the answerer of every task seen up to `stage` (module docstring); `every_expert` compares
         all experts for every task (a finished run re-evaluated with reassignment switched on)."""
-        started = time.perf_counter()
+        started, self.reassign_reused = time.perf_counter(), 0
         seen = sorted({t for s in range(stage + 1) for t in ctx.stages[s]})
         new = sorted(ctx.stages[stage])
         latest = new[-1]  # its snapshot is the shared expert as it is now
@@ -91,8 +115,7 @@ class ReassignHooks:
                 # the task's expert with the newest shared expert: a later task may have taught the shared
                 # expert what this one needs
                 candidates.add((current[0], latest))
-            score = self._reassign_scorer(t, ctx)
-            scores = {c: score(c) for c in sorted(candidates)}
+            scores = self._candidate_scores(t, sorted(candidates), ctx)
             best = min(scores, key=scores.get)
             self.answerer[t] = torch.tensor(best if scores[best] < (1 - margin) * scores[current] else current)
             self.reassign_scores[names[t]] = {self._answer_name(c, names): round(v, 4) for c, v in scores.items()}
