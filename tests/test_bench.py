@@ -370,6 +370,53 @@ def test_a_suite_with_a_headline_splits_its_rows_and_says_where_options_were_cho
     assert "- `moe_cl/evolora`: chosen on order 1 dev" in table
 
 
+def test_each_ablation_is_compared_with_the_row_it_varies_on_the_orders_both_have(tmp_path):
+    """An ablation row (label less its last `/` parts names a row) gets its AP and knowledge difference against
+    that row with paired-bootstrap intervals on the shared orders; without per-question figures, no knowledge cell."""
+    import random
+
+    from evolora.bench import Suite
+    from evolora.metrics import paired_ap_bootstrap
+
+    rng = random.Random(2)
+    kept = {}
+
+    def result(label, order, accuracy, knows=None, per_order=True):
+        test = {t: "".join("1" if rng.random() < accuracy else "0" for _ in range(30)) for t in ("a", "b")}
+        probe = "".join("1" if rng.random() < (knows or 0) else "0" for _ in range(100))
+        kept[(label, order)] = (test, probe)
+        fields = {"final_correct": test, "knowledge": {"per_stage": [], **({"final_correct": {"wordnet_mc": probe}}
+                                                                           if knows else {})}}
+        if not per_order:
+            fields["bench"] = {"suite": "s", "label": label, "per_order": False}
+        return write_result(tmp_path / f"{label.replace('/', '_')}-{order}.json", label, order, **fields)
+
+    files = [result("olora", o, 0.6, 0.6) for o in (1, 2)] + [result("olora/reference_lora", 1, 0.5, 0.55),
+             result("moe_cl/evolora", 1, 0.7, 0.6), result("moe_cl/evolora/adversarial_weight=1", 1, 0.65),
+             result("multitask", 1, 0.8, 0.6, per_order=False), result("multitask/seed=1", 1, 0.75, 0.6, per_order=False),
+             result("other/x=1", 1, 0.5, 0.5)]
+    suite = Suite(name="s", base="b.yaml", headline=["olora", "moe_cl/evolora", "multitask"],
+                  runs=[{"method": "seq_lora", "label": label} for label in
+                        ("olora", "olora/reference_lora", "moe_cl/evolora", "moe_cl/evolora/adversarial_weight=1",
+                         "multitask", "multitask/seed=1", "other/x=1")])
+    table = results_markdown(files, {"s": suite.table_layout()})
+    section = table[table.index("| ablation | against | orders | AP | knowledge |"):].split("\n\n")[0].splitlines()
+
+    def interval(a, b, part):
+        p = paired_ap_bootstrap(*[{f"1:{t}": [c == "1" for c in v] for t, v in
+                                   (kept[(x, 1)][0] if part == 0 else {"wordnet_mc": kept[(x, 1)][1]}).items()}
+                                  for x in (a, b)])
+        return f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section[2:]}
+    assert rows["olora/reference_lora"] == (f"| olora/reference_lora | olora | 1 | {interval('olora', 'olora/reference_lora', 0)}"
+                                            f" | {interval('olora', 'olora/reference_lora', 1)} |")
+    assert rows["moe_cl/evolora/adversarial_weight=1"].endswith(
+        f"| moe_cl/evolora | 1 | {interval('moe_cl/evolora', 'moe_cl/evolora/adversarial_weight=1', 0)} |  |")
+    assert rows["multitask/seed=1"].startswith("| multitask/seed=1 | multitask | 1 | ")
+    assert set(rows) == {"olora/reference_lora", "moe_cl/evolora/adversarial_weight=1", "multitask/seed=1"}
+
+
 def test_a_suite_choice_is_decided_by_dev_ap_on_one_order_never_by_test(tmp_path):
     from evolora.bench import Suite
 
