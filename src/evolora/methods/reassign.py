@@ -83,7 +83,7 @@ class ReassignHooks:
         """Each candidate's score for task `t`: kept from an earlier stage while the tensors that answer with it
         and the reassignment settings are unchanged, else scored now."""
         cache = self.__dict__.setdefault("reassign_cache", {})
-        keep = ctx.config.eval.cache and getattr(ctx, "zero_engine", None) is None  # ZeRO shards the tensors
+        keep = ctx.config.eval.cache and not ctx.partitioned  # a process holding part of the tensors: not kept
         settings = (self.options.reassign_by, self.options.reassign_examples, self.options.seed)
         score, scores = None, {}
         for c in candidates:
