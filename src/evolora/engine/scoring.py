@@ -17,7 +17,7 @@ from evolora.runfolder import STATE
 from evolora.errors import EvoloraError
 from evolora.evaluation import evaluate_task
 from evolora.methods import Method
-from evolora.methods.base import fingerprint  # noqa: F401  (scores are cached by it)
+from evolora.methods.base import fingerprint
 
 
 def tasks_to_evaluate(policy: str, seen_upto: int, num_tasks: int) -> list[int]:

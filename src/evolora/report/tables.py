@@ -334,8 +334,7 @@ def _paired_table(groups: dict[str, list[dict]], picks: list, title: str) -> lis
                 p = paired_ap_bootstrap(*pair)
                 pooled = sorted({key.split(":", 1)[0] for key in pair[0]})
                 named = order_free[label] or len(pooled) < len(mine)  # an order-free row has no orders of its own
-                cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
-                             + (f" (order {', '.join(pooled)})" if named else ""))
+                cells.append(_interval(p) + (f" (order {', '.join(pooled)})" if named else ""))
             if any(cells):
                 kind_cell = f"{kind}, " if kind and group[0].get("locate") else ""
                 runs_orders = len({r["stream"].get("order") for r in group})  # with or without per-example figures
@@ -347,6 +346,11 @@ def _paired_table(groups: dict[str, list[dict]], picks: list, title: str) -> lis
     return ["", title.format(refs=", ".join(references)), "",
             "| method | " + " | ".join(f"vs {name}" for name in references) + " |",
             "|---|" + "|".join("---" for _ in references) + "|", *rows]
+
+
+def _interval(p: dict) -> str:
+    """A paired-bootstrap difference and its 95 % interval, as a table cell."""
+    return f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
 
 
 def _varied(label: str, labels) -> str | None:
@@ -377,7 +381,7 @@ def ablation_section(groups: dict[str, list[dict]], ablations: list[str]) -> lis
                 continue
             p = paired_ap_bootstrap(*pair)
             orders |= {key.split(":", 1)[0] for key in pair[0]}
-            cells.append(f"{p['delta_AP']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]")
+            cells.append(_interval(p))
         if any(cells):
             rows.append(f"| {label} | {varied} | {', '.join(sorted(orders))} | " + " | ".join(cells) + " |")
     if not rows:
