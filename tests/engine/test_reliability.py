@@ -283,6 +283,51 @@ def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_pat
     assert figures == [expected] * len(resumed["stages"])
 
 
+@pytest.mark.parametrize("method_name,options", [("per_task_lora", {"dropout": 0.1}), ("seq_lora", {"dropout": 0.1}),
+                                                 ("cmoe", {})])
+@pytest.mark.parametrize("crash", ["evaluation", "next stage"])
+def test_a_run_resumed_at_a_stage_boundary_draws_what_the_uninterrupted_run_drew(tmp_path, tiny_config, monkeypatch,
+                                                                                 method_name, options, crash):
+    """progress.json keeps the random number generators' states at every stage boundary: a run that crashed in
+    stage 2's evaluation, or just after it, and resumed trains stage 3 from the same draws (dropout masks, a
+    new adapter's initialisation) as the uninterrupted run, to the same weights bit for bit."""
+    import evolora.engine.runner as engine
+    from safetensors.torch import load_file
+
+    def raw(name):
+        return tiny_config(tmp_path / name, method_name, method={"options": options},
+                           data={"max_tasks": 3, "train_per_label": 4}, train={"lr": 5e-2})
+
+    reference = run(build_config(raw("whole")))
+    if crash == "evaluation":
+        run_crashing_in_evaluation(build_config(raw("crashed")), monkeypatch, stage=2)
+    else:
+        def crash_once_stage_2_is_recorded(line):
+            if line.startswith("stage 2/3"):  # logged once progress.json holds stage 2's evaluation
+                raise CrashedInEvaluation()
+
+        with pytest.raises(CrashedInEvaluation):
+            engine.run(build_config(raw("crashed")), log=crash_once_stage_2_is_recorded)
+        assert len(read_progress(tmp_path / "crashed" / "run")["R"]) == 2
+    resumed = engine.run(build_config(raw("crashed")), resume=True, log=lambda _: None)
+    assert [s["train"]["final_loss"] for s in resumed["stages"]] == [s["train"]["final_loss"] for s in reference["stages"]]
+    assert comparable(resumed) == comparable(reference)
+    ours, theirs = (load_file(checkpoint_path(tmp_path / name / "run", 2)) for name in ("crashed", "whole"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_unreadable_random_state_in_progress_is_refused_by_name(tmp_path, tiny_config, monkeypatch):
+    import evolora.engine.runner as engine
+
+    raw = tiny_config(tmp_path, data={"max_tasks": 3, "train_per_label": 4})
+    run_crashing_in_evaluation(build_config(raw), monkeypatch, stage=2)
+    progress_file = tmp_path / "run" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    progress_file.write_text(json.dumps({**progress, "rng": {"torch": "not base64!"}}))
+    with pytest.raises(EvoloraError, match="progress.json: its random number generator state is unreadable"):
+        engine.run(build_config(raw), resume=True, log=lambda _: None)
+
+
 def test_crash_before_progress_names_the_new_checkpoint_keeps_the_previous_one(tmp_path, tiny_config,
                                                                                monkeypatch):
     import evolora.engine.runner as engine

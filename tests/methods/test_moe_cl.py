@@ -3,7 +3,7 @@ modes, save/load, config errors, the evolora variant, shared snapshots and reass
 
 import pytest
 import torch
-from conftest import train_through
+from conftest import run_crashing_in_evaluation, train_through
 
 from evolora.config import build_config
 from evolora.data.batching import collate_train
@@ -500,6 +500,42 @@ def test_kept_reassignment_scores_give_the_same_scores_and_choices(tmp_path, tin
                       method={"options": {"memory_per_task": 2, "shared_snapshots": True, "reassign_examples": 4,
                                           **changed}})
     assert [s["train"]["method"]["reassign_reused"] for s in run(build_config(raw))["stages"]] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("damage", [None, "foreign", "corrupt"])
+def test_a_resumed_run_keeps_its_reassignment_scores(tmp_path, tiny_config, monkeypatch, damage):
+    """The kept scores are written to the run folder with each stage's checkpoint: a run that crashed and
+    resumed reuses them at its next reassignment as the uninterrupted run did, with the same scores and choices.
+    A file made under other settings, or unreadable, is ignored (every candidate is scored again)."""
+    import json
+
+    import evolora.engine.runner as engine
+
+    def raw(name):
+        return tiny_config(tmp_path / name, "moe_cl",
+                           method={"options": {"memory_per_task": 2, "shared_snapshots": True, "gate": "task",
+                                               "mixing": "proj", "reassign_examples": 6}},
+                           data={"max_tasks": 3, "train_per_label": 4, "dev_per_label": 3}, train={"lr": 5e-2})
+
+    whole = [s["train"]["method"] for s in run(build_config(raw("whole")))["stages"]]
+    run_crashing_in_evaluation(build_config(raw("crashed")), monkeypatch, stage=2)  # stage 2 trained and reassigned
+    kept = tmp_path / "crashed" / "run" / "state" / "method-scores.json"
+    stored = json.loads(kept.read_text())
+    assert len(stored["kept"]["reassign"]) >= 4  # the candidates of both tasks at stages 1 and 2
+    if damage == "foreign":
+        kept.write_text(json.dumps({**stored, "scope": "0" * 64}))
+    elif damage == "corrupt":
+        kept.write_text(json.dumps({**stored, "kept": {"reassign": {"0:0:0": ["key"]}}}))
+    logs = []
+    resumed = [s["train"]["method"] for s in engine.run(build_config(raw("crashed")), resume=True,
+                                                           log=logs.append)["stages"]]
+    assert [s["reassign_scores"] for s in resumed] == [s["reassign_scores"] for s in whole]
+    assert [s["answerer"] for s in resumed] == [s["answerer"] for s in whole]
+    assert any("the method's kept scores restored" in line for line in logs) == (damage is None)
+    if damage is None:
+        assert resumed[2]["reassign_reused"] == whole[2]["reassign_reused"] >= 2
+    else:
+        assert resumed[2]["reassign_reused"] == 0
 
 
 def test_reassignment_leaves_training_unchanged(tmp_path, tiny_config):

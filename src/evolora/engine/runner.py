@@ -21,11 +21,12 @@ from evolora.engine.loop import StepLog, partitions_optimizer, train_stage
 from evolora.engine.scoring import (base_general_knowledge, base_general_perplexity, evaluate_dev,
                                     evaluate_located_final,
                                     evaluate_row, general_knowledge, general_perplexity, load_eval_cache,
-                                    save_eval_cache, tasks_to_evaluate, write_predictions, zero_shot_row)
+                                    load_method_scores, save_eval_cache, save_method_scores, tasks_to_evaluate,
+                                    write_predictions, zero_shot_row)
 from evolora.engine.trackers import Trackers, check_trackers
 from evolora.engine.zero import check_zero3_method, process_state_options, zero_stage
-from evolora.engine.state import (clear_step_state, guarded_write, read_progress, read_step_state, step_state_fits,
-                                  write_progress)
+from evolora.engine.state import (clear_step_state, guarded_write, read_progress, read_step_state,
+                                  restore_rng_state, rng_state, step_state_fits, write_progress)
 from evolora.errors import EvoloraError
 from evolora.methods import build_method, spelled_out, validate_method_options
 from evolora.metrics import compute_metrics
@@ -175,9 +176,13 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
         path = checkpoint_path(run_dir, loaded - 1)
         load_checkpoint(ctx, method, path, checksums.get(path.name))
         reused = load_eval_cache(ctx, run_dir)
+        method_kept = load_method_scores(ctx, method, run_dir)
+        if progress.get("rng"):  # as they were when progress.json was written: the same draws from here on
+            restore_rng_state(progress["rng"], run_dir / runfolder.PROGRESS)
         log(f"resumed after stage {completed}/{len(ctx.stages)}"
             + (f"; stage {loaded} was trained and is evaluated now" if trained else "")
-            + (f"; {reused} task scores kept for the eval cache" if reused else ""))
+            + (f"; {reused} task scores kept for the eval cache" if reused else "")
+            + ("; the method's kept scores restored" if method_kept else ""))
     step_state = read_step_state(run_dir)
     launch = (ctx.accelerator.num_processes, partitions_optimizer(ctx))
     if step_state and trained is None and step_state["stage"] == completed and not step_state_fits(step_state, *launch):
@@ -201,7 +206,8 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
                 write_progress(run_dir, {"zero_shot": zero_shot, "general_ppl": general_ppl, "knowledge": knowledge,
                                          "locate": locate_record, "dev": dev_record,
                                          "R": R, "stages": stage_records, "trained": trained,
-                                         "checkpoints": checksums, "global_step": global_step, "timings": timings})
+                                         "checkpoints": checksums, "global_step": global_step, "timings": timings,
+                                         "rng": rng_state()})
                 guarded_write(run_dir / runfolder.METRICS, lambda: atomic.write_json(run_dir / runfolder.METRICS, record))
             return record
 
@@ -225,6 +231,7 @@ def _run_locked(config: RunConfig, run_dir: Path, log, progress: dict, is_main: 
                 if figures:
                     train_stats["method"] = figures
                 digest = save_checkpoint(ctx, method, stage)  # every process: a sharded model is gathered
+                save_method_scores(ctx, method, run_dir)
                 if is_main:
                     checksums[checkpoint_path(run_dir, stage).name] = digest
                 trained = {"stage": stage, "train": train_stats}

@@ -160,18 +160,19 @@ def _eval_cache_file(ctx: RunContext, run_dir: Path) -> Path:
     return Path(run_dir) / STATE / f"eval-cache-{rank}of{world}.json"
 
 
-def _eval_cache_scope(ctx: RunContext) -> str:
+def _eval_cache_scope(ctx: RunContext, shard: bool = True) -> str:
     """Everything but the answering tensors that decides a cached score: the config (model, data, method, train
-    and eval settings; not the run's name or output), the shard, each task's test examples and evolora's
-    version."""
+    and eval settings; not the run's name or output), the shard (`shard`), each task's test examples and
+    evolora's version."""
     import hashlib
 
     from evolora import __version__
 
     tasks = [[t.name, t.instruction, t.labels, [[e.input, e.output, e.instruction, list(e.choices or [])]
                                                 for e in t.test]] for t in ctx.tasks]
-    source = json.dumps({"config": ctx.config.model_dump(mode="json", exclude={"name", "output"}), "shard": list(eval_shard(ctx)),
-                         "tasks": tasks, "version": __version__}, sort_keys=True)
+    config = ctx.config.model_dump(mode="json", exclude={"name", "output"})
+    source = json.dumps({"config": config, "shard": list(eval_shard(ctx)) if shard else None, "tasks": tasks,
+                         "version": __version__}, sort_keys=True)
     return hashlib.sha256(source.encode()).hexdigest()
 
 
@@ -206,6 +207,31 @@ def load_eval_cache(ctx: RunContext, run_dir: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return 0
     return len(ctx.eval_cache)
+
+
+def save_method_scores(ctx: RunContext, method: Method, run_dir: Optional[Path]) -> None:
+    """Keeps the scores the method keeps between stages (`Method.kept_scores`) in the run folder, beside the
+    stage's checkpoint; every process computed the same, the main one writes."""
+    kept = method.kept_scores() if ctx.config.eval.cache and run_dir is not None else {}
+    if kept and ctx.accelerator.is_main_process:
+        path = Path(run_dir) / STATE / "method-scores.json"
+        guarded_write(path, lambda: atomic.write_json(path, {"scope": _eval_cache_scope(ctx, shard=False), "kept": kept}))
+
+
+def load_method_scores(ctx: RunContext, method: Method, run_dir: Path) -> bool:
+    """Gives the method back the scores a run folder kept, when they were made under the same scope; a missing,
+    unreadable or foreign file is ignored (the method computes them again)."""
+    path = Path(run_dir) / STATE / "method-scores.json"
+    if not ctx.config.eval.cache or not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("scope") != _eval_cache_scope(ctx, shard=False):
+            return False
+        method.restore_kept_scores(stored["kept"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def evaluate_dev(ctx: RunContext, method: Method) -> dict:

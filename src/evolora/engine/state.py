@@ -4,6 +4,7 @@ last one stopped and a corrupt file is refused by name."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import random
@@ -66,6 +67,35 @@ def read_progress(run_dir: Path) -> Optional[dict]:
 def write_progress(run_dir: Path, progress: dict) -> None:
     path = Path(run_dir) / PROGRESS
     guarded_write(path, lambda: atomic.write_json(path, progress))
+
+
+# --- random number generators ------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """The states of the random number generators (torch's, CUDA's where present, Python's, NumPy's), JSON-able:
+    kept in progress.json at every stage boundary, so a resumed run draws what the uninterrupted run drew."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+             "python": [py_state[0], list(py_state[1]), py_state[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], source: Path) -> None:
+    try:
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        cuda = state.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                          for s in cuda])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise EvoloraError(f"{source}: its random number generator state is unreadable ({exc})") from None
 
 
 # --- mid-stage step state ----------------------------------------------------------------------------

@@ -156,6 +156,12 @@ class WithAddOns(Method):
     def load_checkpoint_state(self, model, state):
         self.method.load_checkpoint_state(model, state)
 
+    def kept_scores(self):
+        return self.method.kept_scores()
+
+    def restore_kept_scores(self, kept):
+        self.method.restore_kept_scores(kept)
+
     def stage_metrics(self, stage):
         return self.method.stage_metrics(stage)
 

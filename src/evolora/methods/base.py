@@ -142,6 +142,16 @@ class Method:
             for name, tensor in state.items():
                 own[name].copy_(tensor.to(own[name].dtype))
 
+    def kept_scores(self) -> dict[str, Any]:
+        """Scores the method keeps between stages, each under a key of everything that decides it (JSON-able).
+        The engine keeps them in the run folder with each stage's checkpoint (when `eval.cache` is on), so a
+        resumed run computes again only what changed, as the uninterrupted run would."""
+        return {}
+
+    def restore_kept_scores(self, kept: dict[str, Any]) -> None:
+        """Takes back what `kept_scores` gave, from a run folder made under the same settings; raises
+        ValueError, KeyError or TypeError on anything else (the engine then ignores the file)."""
+
     def reload_skip(self, changed: set[str]) -> str | None:
         """On reload with changed options (names under `method.options`): a top-level module whose saved
         tensors no longer apply and are left for `refit` to rebuild, or None."""

@@ -9,11 +9,14 @@ expert answers it and the task whose shared snapshot does), `_use_expert(task, s
 `answering_state(answer)` (the tensors `_use_expert(*answer)` answers with).
 
 A candidate's score is kept with the fingerprint of those tensors (`eval.cache`): a frozen expert with a frozen
-shared snapshot is scored once, not again at every stage; the choices are the same (tested)."""
+shared snapshot is scored once, not again at every stage; the choices are the same (tested). The kept scores
+travel with the run folder (`kept_scores`), so a resumed run does not score them again either."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import time
 
@@ -79,24 +82,43 @@ class ReassignHooks:
         self.experts.clear()
         return total / len(examples)
 
+    def _reassign_settings(self, t: int, ctx) -> str:
+        """Everything but the answering tensors that decides task `t`'s reassignment scores: the settings and
+        the examples scored (the rest of the config is the engine's: `Method.kept_scores`)."""
+        examples = [[e.input, e.output, e.instruction, list(e.choices or [])] for e in self._labelled_memory(t, ctx)]
+        digest = hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:16]
+        return f"{self.options.reassign_by}|{self.options.reassign_examples}|{self.options.seed}|{digest}"
+
     def _candidate_scores(self, t: int, candidates: list[tuple[int, int]], ctx) -> dict[tuple[int, int], float]:
         """Each candidate's score for task `t`: kept from an earlier stage while the tensors that answer with it
         and the reassignment settings are unchanged, else scored now."""
         cache = self.__dict__.setdefault("reassign_cache", {})
         keep = ctx.config.eval.cache and not ctx.partitioned  # a process holding part of the tensors: not kept
-        settings = (self.options.reassign_by, self.options.reassign_examples, self.options.seed)
+        settings = self._reassign_settings(t, ctx) if keep else None
         score, scores = None, {}
         for c in candidates:
-            key = (settings, fingerprint(self.answering_state(c))) if keep else None
-            if key is not None and cache.get((t, c), (None,))[0] == key:
-                scores[c] = cache[(t, c)][1]
+            name, key = f"{t}:{c[0]}:{c[1]}", f"{settings}|{fingerprint(self.answering_state(c))}" if keep else None
+            if key is not None and cache.get(name, (None,))[0] == key:
+                scores[c] = cache[name][1]
                 self.reassign_reused += 1
                 continue
             score = score or self._reassign_scorer(t, ctx)
             scores[c] = score(c)
             if key is not None:
-                cache[(t, c)] = (key, scores[c])
+                cache[name] = (key, scores[c])
         return scores
+
+    def kept_scores(self) -> dict:
+        cache = self.__dict__.get("reassign_cache", {})
+        return {"reassign": {name: [key, value] for name, (key, value) in cache.items()}} if cache else {}
+
+    def restore_kept_scores(self, kept: dict) -> None:
+        cache = {}
+        for name, (key, value) in kept["reassign"].items():
+            if not (isinstance(name, str) and isinstance(key, str) and isinstance(value, (int, float))):
+                raise TypeError(f"reassignment score {name!r}")
+            cache[name] = (key, float(value))
+        self.reassign_cache = cache
 
     def reassign(self, stage: int, ctx, every_expert: bool = False) -> None:
         """Chooses the answerer of every task seen up to `stage` (module docstring); `every_expert` compares
