@@ -328,6 +328,39 @@ def test_an_unreadable_random_state_in_progress_is_refused_by_name(tmp_path, tin
         engine.run(build_config(raw), resume=True, log=lambda _: None)
 
 
+@pytest.mark.parametrize("layout", ["current", "earlier"])
+def test_a_step_state_restores_the_random_states_it_saved(tmp_path, layout):
+    """A step state keeps the generators' states with the rest; one written in the earlier layout (torch's state
+    among the tensors, Python's and NumPy's as separate fields), as an interrupted run of an older evolora left
+    it, restores them too."""
+    import base64
+    import random
+
+    import numpy as np
+    from transformers import get_scheduler
+
+    from evolora.engine.state import load_tensors, read_step_state, restore_step_state, save_step_state, save_tensors
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=0)
+    (tmp_path / "state").mkdir()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    save_step_state(tmp_path, 0, 3, model, optimizer, scheduler, {})
+    expected = (torch.rand(4).tolist(), random.random(), np.random.rand())
+    record = read_step_state(tmp_path)
+    if layout == "earlier":
+        tensor_path = tmp_path / "state" / "step.safetensors"
+        tensors = load_tensors(tensor_path, record["sha256"])
+        rng = record.pop("rng")
+        tensors["rng.torch"] = torch.frombuffer(bytearray(base64.b64decode(rng["torch"])), dtype=torch.uint8)
+        record.update(rng_python=rng["python"], rng_numpy=rng["numpy"],
+                      sha256=save_tensors(tensor_path, tensors, {"stage": "0", "step": "3"}))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    restore_step_state(tmp_path, record, model, optimizer, scheduler)
+    assert (torch.rand(4).tolist(), random.random(), np.random.rand()) == expected
+
+
 def test_crash_before_progress_names_the_new_checkpoint_keeps_the_previous_one(tmp_path, tiny_config,
                                                                                monkeypatch):
     import evolora.engine.runner as engine

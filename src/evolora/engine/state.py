@@ -112,17 +112,13 @@ def save_step_state(run_dir: Path, stage: int, step: int, model: torch.nn.Module
     for index, entry in opt_state["state"].items():
         for key, value in entry.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
     tensor_path, json_path = step_state_paths(run_dir)
     digest = save_tensors(tensor_path, tensors, {"stage": str(stage), "step": str(step)})
-    py_state = random.getstate()
-    np_state = np.random.get_state()
     record = {
         "stage": stage, "step": step, "sha256": digest,
         "param_groups": opt_state["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "rng": rng_state(),
         **extra,
     }
     guarded_write(json_path, lambda: atomic.write_json(json_path, record))
@@ -162,11 +158,10 @@ def restore_step_state(run_dir: Path, record: dict, model: torch.nn.Module, opti
     scheduler_state = dict(record["scheduler"])
     scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("base_lrs", []))
     scheduler.load_state_dict(scheduler_state)
-    torch.set_rng_state(tensors["rng.torch"])
-    version, internal, gauss = record["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = record["rng_numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    rng = record.get("rng") or {  # a step state saved before the states were kept together
+        "torch": base64.b64encode(tensors["rng.torch"].numpy().tobytes()).decode(),
+        "python": record.get("rng_python"), "numpy": record.get("rng_numpy")}
+    restore_rng_state(rng, tensor_path.with_suffix(".json"))
 
 
 def clear_step_state(run_dir: Path) -> None:
