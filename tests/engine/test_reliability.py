@@ -284,13 +284,14 @@ def test_crash_during_evaluation_resumes_by_evaluating_the_trained_stage(tmp_pat
 
 
 @pytest.mark.parametrize("method_name,options", [("per_task_lora", {"dropout": 0.1}), ("seq_lora", {"dropout": 0.1}),
-                                                 ("cmoe", {})])
+                                                 ("cmoe", {}), ("ewc", {})])
 @pytest.mark.parametrize("crash", ["evaluation", "next stage"])
 def test_a_run_resumed_at_a_stage_boundary_draws_what_the_uninterrupted_run_drew(tmp_path, tiny_config, monkeypatch,
                                                                                  method_name, options, crash):
     """progress.json keeps the random number generators' states at every stage boundary: a run that crashed in
     stage 2's evaluation, or just after it, and resumed trains stage 3 from the same draws (dropout masks, a
-    new adapter's initialisation) as the uninterrupted run, to the same weights bit for bit."""
+    new adapter's initialisation) as the uninterrupted run, to the same weights bit for bit. (EWC: its loaded
+    Fisher sums the penalty in the order the uninterrupted run did.)"""
     import evolora.engine.runner as engine
     from safetensors.torch import load_file
 

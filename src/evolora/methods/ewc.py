@@ -92,5 +92,10 @@ class EWC(SeqLoRA):
     def load_checkpoint_state(self, model, state):
         own = {k: v for k, v in state.items() if not k.startswith(("ewc.",))}
         super().load_checkpoint_state(model, own)
-        self.fisher = {k[len(FISHER):]: v.float() for k, v in state.items() if k.startswith(FISHER)}
-        self.anchor = {k[len(ANCHOR):]: v.float() for k, v in state.items() if k.startswith(ANCHOR)}
+        # in the model's parameter order, as after_stage made them: the penalty sums its terms in this order
+        names = [n for n, _ in model.named_parameters()]
+        stray = [k for k in state if k.startswith((FISHER, ANCHOR)) and k.split(".", 2)[2] not in names]
+        if stray:
+            raise KeyError(f"checkpoint tensors not in the model: {stray[:3]}")
+        self.fisher = {n: state[FISHER + n].float() for n in names if FISHER + n in state}
+        self.anchor = {n: state[ANCHOR + n].float() for n in names if ANCHOR + n in state}
